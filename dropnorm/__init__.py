@@ -1,0 +1,27 @@
+"""dropnorm: dropout and batch normalisation as pure, transform-friendly JAX functions."""
+
+from dropnorm._batch_norm import BatchNormParams as BatchNormParams
+from dropnorm._batch_norm import BatchNormState as BatchNormState
+from dropnorm._batch_norm import batch_norm as batch_norm
+from dropnorm._batch_norm import batch_norm_init as batch_norm_init
+from dropnorm._batch_norm import batch_renorm as batch_renorm
+from dropnorm._batch_norm import fold_batch_norm as fold_batch_norm
+from dropnorm._dropout import alpha_dropout as alpha_dropout
+from dropnorm._dropout import drop_path as drop_path
+from dropnorm._dropout import dropout as dropout
+from dropnorm._dropout import gaussian_dropout as gaussian_dropout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNormParams",
+    "BatchNormState",
+    "alpha_dropout",
+    "batch_norm",
+    "batch_norm_init",
+    "batch_renorm",
+    "drop_path",
+    "dropout",
+    "fold_batch_norm",
+    "gaussian_dropout",
+]

@@ -1,0 +1,388 @@
+"""Batch normalisation as pure functions: params and state in, output and new state out."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from dropnorm import _checks
+from dropnorm._moments import batch_moments, stats_dtype
+
+
+class BatchNormParams(NamedTuple):
+    """Learned affine parameters. Either may be None (no scale / no bias)."""
+
+    scale: jax.Array | None  # feature_shape, param dtype (float32 by default); gamma
+    bias: jax.Array | None  # feature_shape, param dtype; beta
+
+
+class BatchNormState(NamedTuple):
+    """Running statistics, updated in training and used in evaluation."""
+
+    mean: jax.Array  # feature_shape, float32; starts at 0
+    var: jax.Array  # feature_shape, float32, biased (unless unbiased_running_var); starts at 1
+    count: jax.Array  # (), int32: number of training updates so far
+
+
+def batch_norm_init(num_features, *, use_scale: bool = True, use_bias: bool = True,
+                    dtype=jnp.float32) -> tuple[BatchNormParams, BatchNormState]:
+    """Initial parameters (scale 1, bias 0) and state (mean 0, var 1, count 0).
+
+    Args:
+      num_features: the number of features (an int), or the feature shape (a
+        tuple) when normalising over several feature axes.
+      use_scale: whether to learn a per-feature scale (gamma).
+      use_bias: whether to learn a per-feature bias (beta).
+      dtype: dtype of the parameters. The running statistics are always float32.
+
+    Returns:
+      ``(params, state)``.
+
+    Examples:
+      >>> import dropnorm
+      >>> params, state = dropnorm.batch_norm_init(3)
+      >>> params.scale.tolist(), state.var.tolist(), int(state.count)
+      ([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], 0)
+    """
+    if isinstance(num_features, (int, np.integer)) and not isinstance(num_features, bool):
+        shape = (int(num_features),)
+    elif isinstance(num_features, tuple) and all(
+        isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in num_features
+    ):
+        shape = tuple(int(n) for n in num_features)
+    else:
+        raise ValueError(
+            f"batch_norm_init: `num_features` must be an int or a tuple of ints; got {num_features!r}."
+        )
+    if any(n <= 0 for n in shape):
+        raise ValueError(f"batch_norm_init: `num_features` must be positive; got {num_features!r}.")
+    params = BatchNormParams(
+        jnp.ones(shape, dtype) if use_scale else None,
+        jnp.zeros(shape, dtype) if use_bias else None,
+    )
+    state = BatchNormState(jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32),
+                           jnp.zeros((), jnp.int32))
+    return params, state
+
+
+class _Layout(NamedTuple):
+    feature_axes: tuple[int, ...]
+    reduction_axes: tuple[int, ...]
+    feature_shape: tuple[int, ...]
+    stats_shape: tuple[int, ...]  # x's rank, 1 on reduction axes
+
+
+def _layout(fn, params, state, x, axis) -> _Layout:
+    feature_axes = _checks.normalize_axes(axis, x.ndim, fn)
+    reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    stats_shape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
+    named = [("state.mean", state.mean), ("state.var", state.var)]
+    if params is not None:
+        named += [("params.scale", params.scale), ("params.bias", params.bias)]
+    for name, value in named:
+        if value is not None and tuple(jnp.shape(value)) != feature_shape:
+            raise ValueError(
+                f"{fn}: `x` has {math.prod(feature_shape)} features (shape {feature_shape} along "
+                f"axis {axis!r}, x.shape={tuple(x.shape)}) but `{name}` has shape "
+                f"{tuple(jnp.shape(value))} ({math.prod(jnp.shape(value))} features). Check "
+                f"`axis`, or create the state with batch_norm_init({feature_shape[0] if len(feature_shape) == 1 else feature_shape})."
+            )
+    return _Layout(feature_axes, reduction_axes, feature_shape, stats_shape)
+
+
+def _normalize(x, mean, inv_std, params, stats_shape, out_dtype):
+    """``(x - mean) * inv_std * scale + bias`` in the statistics dtype, cast to ``out_dtype``."""
+    dt = stats_dtype(x.dtype)
+    mul = inv_std
+    if params is not None and params.scale is not None:
+        mul = mul * params.scale.reshape(stats_shape).astype(dt)
+    y = (x.astype(dt) - mean) * mul
+    if params is not None and params.bias is not None:
+        y = y + params.bias.reshape(stats_shape).astype(dt)
+    return y.astype(out_dtype)
+
+
+def _update_running(state, batch_mean, batch_var, valid, momentum):
+    """The new state: running averages of the batch statistics, and count + 1."""
+    count = state.count + 1
+    if momentum is None:  # cumulative average: the plain mean of every batch seen so far
+        w = 1.0 / count.astype(jnp.float32)
+        new_mean = state.mean + w * (batch_mean - state.mean)
+        new_var = state.var + w * (batch_var - state.var)
+    else:
+        new_mean = momentum * state.mean + (1.0 - momentum) * batch_mean
+        new_var = momentum * state.var + (1.0 - momentum) * batch_var
+    new_mean = jnp.where(valid, new_mean, state.mean).astype(state.mean.dtype)
+    new_var = jnp.where(valid, new_var, state.var).astype(state.var.dtype)
+    return BatchNormState(new_mean, new_var, count.astype(state.count.dtype))
+
+
+def _check_mask(fn, mask, x):
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    try:
+        shape = jnp.broadcast_shapes(mask.shape, x.shape)
+    except ValueError:
+        shape = None
+    if shape != tuple(x.shape):
+        raise ValueError(
+            f"{fn}: `mask` of shape {tuple(mask.shape)} does not broadcast to x's shape "
+            f"{tuple(x.shape)}. Give it x's shape, or size 1 along the axes it does not vary on "
+            f"(e.g. (batch, 1) for a padded batch of 2-D x)."
+        )
+    return jnp.broadcast_to(mask.astype(bool), x.shape)
+
+
+def _core(fn, params, state, x, train, *, axis, momentum, epsilon, mask, axis_name,
+          axis_index_groups, virtual_batch_size, unbiased_running_var, dtype, renorm):
+    """Shared body of batch_norm and batch_renorm. ``renorm`` is None or (r_max, d_max)."""
+    x = _checks.check_floating(x, fn)
+    train = _checks.check_train(train, fn)
+    momentum = _checks.check_momentum(momentum, fn, allow_none=True)
+    epsilon = _checks.check_epsilon(epsilon, fn)
+    lay = _layout(fn, params, state, x, axis)
+    out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+    dt = stats_dtype(x.dtype)
+
+    def running_inv_std():
+        return lax.rsqrt(state.var.reshape(lay.stats_shape).astype(dt) + epsilon)
+
+    if train is False:
+        y = _normalize(x, state.mean.reshape(lay.stats_shape).astype(dt), running_inv_std(),
+                       params, lay.stats_shape, out_dtype)
+        return y, state
+
+    if not lay.reduction_axes:
+        raise ValueError(f"{fn}: `axis`={axis!r} leaves no axis to compute batch statistics over.")
+    mask = _check_mask(fn, mask, x)
+
+    # Ghost batches: view the batch axis 0 as (chunks, virtual_batch_size) and reduce per chunk.
+    xs, ms, red, sshape = x, mask, lay.reduction_axes, lay.stats_shape
+    if virtual_batch_size is not None:
+        v = _checks.check_positive_int(virtual_batch_size, fn, "virtual_batch_size")
+        if 0 in lay.feature_axes:
+            raise ValueError(f"{fn}: `virtual_batch_size` splits axis 0, the batch axis, but "
+                             f"`axis`={axis!r} makes it a feature axis.")
+        if x.shape[0] % v:
+            raise ValueError(f"{fn}: the batch of {x.shape[0]} does not divide into ghost batches "
+                             f"of `virtual_batch_size`={v}; pick a divisor of {x.shape[0]}.")
+        chunked = (x.shape[0] // v, v) + x.shape[1:]
+        xs = x.reshape(chunked)
+        ms = None if mask is None else mask.reshape(chunked)
+        red = tuple(a + 1 for a in lay.reduction_axes)
+        sshape = (1,) + lay.stats_shape
+    if axis_name is None and math.prod(xs.shape[a] for a in red) < 2:
+        raise ValueError(
+            f"{fn}: the batch is too small: training needs at least 2 values per feature to "
+            f"compute statistics, but x.shape={tuple(x.shape)} with `axis`={axis!r} gives "
+            f"{math.prod(xs.shape[a] for a in red)}. Use a bigger batch, train=False, or pass "
+            f"`axis_name` when the batch is spread over a mapped axis."
+        )
+
+    mean, var, count = batch_moments(xs, red, mask=ms, axis_name=axis_name,
+                                     axis_index_groups=axis_index_groups)
+    inv_std = lax.rsqrt(var + epsilon)
+    if renorm is not None:
+        r_max, d_max = renorm
+        run_mean = state.mean.reshape(sshape).astype(dt)
+        run_std = jnp.sqrt(state.var.reshape(sshape).astype(dt) + epsilon)
+        std = jnp.sqrt(var + epsilon)
+        r = lax.stop_gradient(jnp.clip(std / run_std, 1.0 / r_max, r_max))
+        d = lax.stop_gradient(jnp.clip((mean - run_mean) / run_std, -d_max, d_max))
+        # (x - mean) / std * r + d  ==  (x - (mean - d * std / r)) * (r / std)
+        norm_mean, norm_inv_std = mean - d * std / r, inv_std * r
+    else:
+        norm_mean, norm_inv_std = mean, inv_std
+
+    # The running-average update, from the batch (or the ghost batches' average) statistics.
+    batch_var = var
+    if unbiased_running_var:
+        batch_var = jnp.where(count > 1, var * count / jnp.maximum(count - 1.0, 1.0), var)
+    if virtual_batch_size is not None:
+        upd_mean, upd_var = jnp.mean(mean, 0), jnp.mean(batch_var, 0)
+        valid = jnp.all(count > 0, 0)
+    else:
+        upd_mean, upd_var, valid = mean, batch_var, count > 0
+    reshape = lambda a: a.reshape(lay.feature_shape)  # noqa: E731
+    new_state = _update_running(state, reshape(upd_mean), reshape(upd_var),
+                                reshape(jnp.broadcast_to(valid, upd_mean.shape)), momentum)
+
+    if train is not True:  # traced flag: select between batch and running statistics
+        norm_mean = jnp.where(train, norm_mean, state.mean.reshape(sshape).astype(dt))
+        norm_inv_std = jnp.where(train, norm_inv_std, running_inv_std().reshape(sshape))
+        new_state = jax.tree.map(lambda new, old: jnp.where(train, new, old), new_state, state)
+    y = _normalize(xs, norm_mean, norm_inv_std, params, sshape, out_dtype)
+    return y.reshape(x.shape), new_state
+
+
+def batch_norm(params, state, x, train, *, axis=-1, momentum=0.99, epsilon=1e-5, mask=None,
+               axis_name=None, axis_index_groups=None, virtual_batch_size=None,
+               unbiased_running_var: bool = False, dtype=None):
+    """Batch normalisation: normalise each feature by batch (train) or running (eval) statistics.
+
+    Training: ``mean`` and biased ``var`` per feature over every axis except
+    ``axis`` (and over ``axis_name`` across devices), then
+    ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` and
+    ``new.mean = momentum * state.mean + (1 - momentum) * mean`` (likewise
+    ``var``), ``new.count = state.count + 1``. Evaluation: the same formula with
+    the running statistics; the state is returned unchanged.
+
+    Statistics are computed in at least float32 with a two-pass variance that
+    stays accurate when ``|mean| >> std`` and is never negative; the output has
+    the input's dtype (bf16 in, bf16 out) unless ``dtype`` says otherwise.
+
+    Args:
+      params: ``BatchNormParams`` (scale and bias, either may be None), or None
+        for no affine transform.
+      state: ``BatchNormState`` from :func:`batch_norm_init` or a previous call.
+      x: floating input, features along ``axis``.
+      train: True to use and update batch statistics, False to use the running
+        ones. A traced boolean is accepted (one compiled function for both).
+      axis: the feature axis or axes (default -1, channels last; use 1 for
+        PyTorch's NCHW).
+      momentum: decay of the running average, in [0, 1]. PyTorch's ``momentum``
+        is ``1 - momentum`` here: PyTorch's 0.1 equals 0.9. None gives the
+        cumulative average of all batches (PyTorch's ``momentum=None``).
+      epsilon: added to the variance before the square root (default 1e-5).
+      mask: optional boolean array broadcastable to ``x``; True elements count
+        towards the statistics (padding gets False). All elements are normalised.
+        A feature with no valid element keeps its running statistics.
+      axis_name: a mapped axis name (``pmap``, ``shard_map``, ``vmap``), or a
+        tuple of names, to compute global statistics over. Not needed under a
+        sharded ``jax.jit``, where XLA reduces across devices by itself.
+      axis_index_groups: groups of device indices along ``axis_name``; statistics
+        are global within each group.
+      virtual_batch_size: ghost batch normalisation: statistics per consecutive
+        chunk of this many examples along axis 0; the running statistics move
+        towards the average of the chunks' statistics.
+      unbiased_running_var: update the running variance with the unbiased
+        (n - 1) batch variance, as PyTorch does; normalisation still uses the
+        biased one.
+      dtype: output dtype (default: ``x.dtype``).
+
+    Returns:
+      ``(y, new_state)``.
+
+    Raises:
+      ValueError: feature count of ``x`` differing from params/state, ``axis``
+        out of range, momentum outside [0, 1], negative epsilon, a batch too
+        small to have statistics, a mask that does not broadcast, or a batch
+        that ghost batches do not divide.
+
+    Examples:
+      >>> import jax.numpy as jnp, dropnorm
+      >>> params, state = dropnorm.batch_norm_init(2)
+      >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+      >>> y, state = dropnorm.batch_norm(params, state, x, train=True)
+      >>> y.round(3).tolist(), state.mean.round(3).tolist(), int(state.count)
+      ([[-1.0, -1.0], [1.0, 1.0]], [0.02, 0.2], 1)
+
+    References:
+      Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training
+      by Reducing Internal Covariate Shift", ICML 2015. Hoffer et al., "Train
+      longer, generalize better" (ghost batch normalisation), NeurIPS 2017.
+    """
+    return _core("batch_norm", params, state, x, train, axis=axis, momentum=momentum,
+                 epsilon=epsilon, mask=mask, axis_name=axis_name,
+                 axis_index_groups=axis_index_groups, virtual_batch_size=virtual_batch_size,
+                 unbiased_running_var=unbiased_running_var, dtype=dtype, renorm=None)
+
+
+def batch_renorm(params, state, x, train, *, r_max=3.0, d_max=5.0, axis=-1, momentum=0.99,
+                 epsilon=1e-5, mask=None, axis_name=None, axis_index_groups=None,
+                 unbiased_running_var: bool = False, dtype=None):
+    """Batch renormalisation: batch statistics corrected towards the running ones.
+
+    Training: ``x_hat = (x - mean) / std * r + d`` with
+    ``r = clip(std / running_std, 1 / r_max, r_max)`` and
+    ``d = clip((mean - running_mean) / running_std, -d_max, d_max)``, both
+    treated as constants (no gradient); ``std = sqrt(var + epsilon)``. Then
+    ``y = x_hat * scale + bias``. ``r_max=1, d_max=0`` is plain batch norm;
+    unclipped, it is normalisation by the running statistics. Running statistics
+    and evaluation are exactly those of :func:`batch_norm`.
+
+    Args:
+      r_max: bound on ``r`` (>= 1). Ioffe starts at 1 and raises it to about 3.
+      d_max: bound on ``|d|`` (>= 0). Ioffe starts at 0 and raises it to about 5.
+      Everything else: as :func:`batch_norm`.
+
+    Returns:
+      ``(y, new_state)``.
+
+    Examples:
+      >>> import jax.numpy as jnp, dropnorm
+      >>> params, state = dropnorm.batch_norm_init(1)
+      >>> x = jnp.array([[0.0], [4.0]])
+      >>> y, _ = dropnorm.batch_renorm(params, state, x, train=True, r_max=1.0, d_max=0.0)
+      >>> y.round(3).ravel().tolist()
+      [-1.0, 1.0]
+
+    References:
+      Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+      Batch-Normalized Models", NeurIPS 2017.
+    """
+    for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
+        if not _checks.is_traced(value) and not float(value) >= low:
+            raise ValueError(f"batch_renorm: `{name}` must be >= {low}; got {value!r}.")
+    return _core("batch_renorm", params, state, x, train, axis=axis, momentum=momentum,
+                 epsilon=epsilon, mask=mask, axis_name=axis_name,
+                 axis_index_groups=axis_index_groups, virtual_batch_size=None,
+                 unbiased_running_var=unbiased_running_var, dtype=dtype, renorm=(r_max, d_max))
+
+
+def fold_batch_norm(kernel, bias, params, state, *, epsilon=1e-5):
+    """Fold an evaluation-mode batch norm into the preceding Dense or convolution.
+
+    For a layer ``z = x @ kernel + bias`` (or a convolution whose kernel has its
+    output features last, Flax's ``(..., in, out)`` layout) followed by
+    ``batch_norm(params, state, z, train=False)``, returns ``(kernel', bias')``
+    with ``kernel' = kernel * a`` and ``bias' = (bias - mean) * a + beta``, where
+    ``a = scale / sqrt(var + epsilon)``: one layer computing the same function.
+
+    Args:
+      kernel: array ``(..., out)``.
+      bias: array ``(out,)`` or None (a layer without bias).
+      params: ``BatchNormParams`` (or None).
+      state: ``BatchNormState`` with running statistics of shape ``(out,)``.
+      epsilon: the batch norm's epsilon.
+
+    Returns:
+      ``(kernel, bias)``, in the kernel's dtype (computed in at least float32).
+
+    Examples:
+      >>> import jax.numpy as jnp, dropnorm
+      >>> params, state = dropnorm.batch_norm_init(2)
+      >>> state = state._replace(mean=jnp.array([1.0, 2.0]), var=jnp.array([4.0, 1.0]))
+      >>> k, b = dropnorm.fold_batch_norm(jnp.eye(2), None, params, state, epsilon=0.0)
+      >>> k.tolist(), b.tolist()
+      ([[0.5, 0.0], [0.0, 1.0]], [-0.5, -2.0])
+    """
+    epsilon = _checks.check_epsilon(epsilon, "fold_batch_norm")
+    kernel = jnp.asarray(kernel)
+    out = kernel.shape[-1] if kernel.ndim else None
+    if out is None or tuple(state.mean.shape) != (out,):
+        raise ValueError(
+            f"fold_batch_norm: the kernel's last axis (output features) has size {out} but "
+            f"`state.mean` has shape {tuple(state.mean.shape)}; the batch norm must follow "
+            f"this layer and normalise its {out} outputs."
+        )
+    if bias is not None and tuple(jnp.shape(bias)) != (out,):
+        raise ValueError(f"fold_batch_norm: `bias` must have shape ({out},); got {jnp.shape(bias)}.")
+    dt = stats_dtype(kernel.dtype)
+    a = lax.rsqrt(state.var.astype(dt) + epsilon)
+    if params is not None and params.scale is not None:
+        a = a * params.scale.astype(dt)
+    b = -state.mean.astype(dt) if bias is None else jnp.asarray(bias, dt) - state.mean.astype(dt)
+    b = b * a
+    if params is not None and params.bias is not None:
+        b = b + params.bias.astype(dt)
+    out_dtype = kernel.dtype
+    return (kernel.astype(dt) * a).astype(out_dtype), b.astype(
+        out_dtype if bias is None else jnp.result_type(bias))

@@ -1,0 +1,174 @@
+"""Argument validation shared by every dropnorm function.
+
+Every check runs at trace time. A concrete (Python or NumPy) value is checked
+completely; a traced value can only be checked for its shape and dtype, and the
+functions that accept traced values document what they do with bad ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_traced(value: Any) -> bool:
+    """True when ``value`` is a JAX tracer (its value is unknown at trace time)."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (jax.Array, np.ndarray)):
+        return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return repr(value)
+
+
+def check_rate(rate: Any, fn: str, name: str = "rate") -> float | jax.Array:
+    """Validate a drop probability.
+
+    Returns a Python float when ``rate`` is concrete and a float32 scalar when it
+    is traced. A concrete rate must lie in [0, 1]; a traced one must be a real
+    scalar (its range is checked where it is used: see ``invalid_rate``).
+    """
+    if is_traced(rate):
+        if jnp.ndim(rate) != 0 or not (
+            jnp.issubdtype(rate.dtype, jnp.floating) or jnp.issubdtype(rate.dtype, jnp.integer)
+        ):
+            raise ValueError(
+                f"{fn}: `{name}` must be a real scalar; got a traced value of shape "
+                f"{jnp.shape(rate)} and dtype {rate.dtype}."
+            )
+        return jnp.asarray(rate, jnp.float32)
+    if isinstance(rate, bool) or np.ndim(rate) != 0:
+        raise ValueError(
+            f"{fn}: `{name}` must be a real number in [0, 1] (the probability of dropping an "
+            f"element); got {_describe(rate)}."
+        )
+    try:
+        value = float(np.asarray(rate))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{fn}: `{name}` must be a real number in [0, 1] (the probability of dropping an "
+            f"element); got {rate!r}."
+        ) from None
+    if not (0.0 <= value <= 1.0):  # also rejects NaN
+        raise ValueError(
+            f"{fn}: `{name}` must be in [0, 1] (the probability of DROPPING an element, not of "
+            f"keeping it); got {rate!r}. Use 0 to disable dropout; if you meant a keep "
+            f"probability p, pass {name}=1 - p."
+        )
+    return value
+
+
+def invalid_rate(rate: jax.Array) -> jax.Array:
+    """For a traced rate: True where it is NaN or outside [0, 1]."""
+    return ~((rate >= 0.0) & (rate <= 1.0))
+
+
+def check_train(train: Any, fn: str, name: str = "train") -> bool | jax.Array:
+    """A Python bool (static path) or a traced boolean scalar (one compiled function)."""
+    if isinstance(train, (bool, np.bool_)):
+        return bool(train)
+    if isinstance(train, (jax.Array, np.ndarray)) and train.shape == () and train.dtype == bool:
+        return train if is_traced(train) else bool(train)
+    raise TypeError(
+        f"{fn}: `{name}` must be a Python bool or a boolean scalar array (which may be traced); "
+        f"got {_describe(train)}. Pass {name}=True for training, {name}=False for evaluation."
+    )
+
+
+def check_key(key: Any, fn: str) -> jax.Array:
+    """A JAX PRNG key: a typed key (``jax.random.key``) or a raw uint32[2] (``PRNGKey``)."""
+    if key is None:
+        raise TypeError(
+            f"{fn}: `key` is None but the layer is training, so it needs randomness. Pass a key "
+            f"from `jax.random.key(seed)` (split it for each call), or pass train=False."
+        )
+    if isinstance(key, (jax.Array, np.ndarray)):
+        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+            if key.shape != ():
+                raise TypeError(
+                    f"{fn}: `key` must be a single PRNG key; got a key array of shape "
+                    f"{key.shape}. Index it, or use jax.vmap to map over a batch of keys."
+                )
+            return key
+        if key.dtype == np.uint32 and key.shape == (2,):
+            return jnp.asarray(key)
+    raise TypeError(
+        f"{fn}: `key` must be a JAX PRNG key made by `jax.random.key(seed)` (or the legacy "
+        f"`jax.random.PRNGKey(seed)`); got {_describe(key)}."
+    )
+
+
+def check_floating(x: Any, fn: str, name: str = "x") -> jax.Array:
+    x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{fn}: `{name}` must have a floating dtype; got {x.dtype}. Cast it first, e.g. "
+            f"{name}.astype(jnp.float32)."
+        )
+    return x
+
+
+def normalize_axes(axis: Any, ndim: int, fn: str, name: str = "axis") -> tuple[int, ...]:
+    """Turn an int or a sequence of ints into sorted, non-negative, distinct axes."""
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else axis
+    if isinstance(axes, bool) or not isinstance(axes, Sequence) or isinstance(axes, str):
+        raise ValueError(f"{fn}: `{name}` must be an int or a tuple of ints; got {axis!r}.")
+    out = []
+    for a in axes:
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+            raise ValueError(f"{fn}: `{name}` must be an int or a tuple of ints; got {axis!r}.")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{fn}: `{name}`={axis!r} is out of range for an input with {ndim} dimensions "
+                f"(valid: {-ndim} to {ndim - 1})."
+            )
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{fn}: `{name}`={axis!r} names the same axis twice.")
+    return tuple(sorted(out))
+
+
+def check_momentum(momentum: Any, fn: str, allow_none: bool = False) -> float | jax.Array | None:
+    if momentum is None and allow_none:
+        return None
+    if is_traced(momentum):
+        return momentum
+    try:
+        value = float(momentum)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (0.0 <= value <= 1.0):
+        extra = " or None (cumulative average, PyTorch's momentum=None)" if allow_none else ""
+        raise ValueError(
+            f"{fn}: `momentum` must be in [0, 1]{extra}; got {momentum!r}. It is the decay of the "
+            f"running average (new = momentum * old + (1 - momentum) * batch); PyTorch's "
+            f"momentum m corresponds to 1 - m here (PyTorch 0.1 == 0.9)."
+        )
+    return value
+
+
+def check_epsilon(epsilon: Any, fn: str) -> float | jax.Array:
+    if is_traced(epsilon):
+        return epsilon
+    try:
+        value = float(epsilon)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not value >= 0.0:
+        raise ValueError(
+            f"{fn}: `epsilon` must be a non-negative number added to the variance; got "
+            f"{epsilon!r}. The usual value is 1e-5."
+        )
+    return value
+
+
+def check_positive_int(value: Any, fn: str, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{fn}: `{name}` must be a positive int; got {value!r}.")
+    return int(value)

@@ -1,0 +1,234 @@
+"""Dropout and its family: inverted, alpha and Gaussian dropout, and drop-path.
+
+Every member is one elementwise map ``y = x * m + c`` whose multiplier ``m``
+and offset ``c`` are drawn from the key. The map has a ``jax.custom_jvp`` rule
+whose tangent ``t * m`` is computed inside ``jax.checkpoint``: reverse mode then
+keeps only the key as a residual and regenerates ``m`` in the backward pass,
+while forward mode (``jax.jvp``, ``jax.hessian``) keeps working.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dropnorm import _checks, _masks
+
+# SELU's constants (Klambauer et al. 2017): alpha' = -scale * alpha.
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+_ALPHA_PRIME = -_SELU_SCALE * _SELU_ALPHA
+
+
+class _Static(NamedTuple):
+    kind: str  # "dropout" | "alpha" | "gaussian"
+    mask_shape: tuple[int, ...]
+    bits: int
+    rate: float | None  # the rate when it is a Python number, else None (traced)
+
+
+def _noise(key, rate, static: _Static):
+    """The multiplier ``m`` and offset ``c`` (None for 0) of ``y = x * m + c``, in float32."""
+    r = static.rate if static.rate is not None else rate
+    if static.kind == "gaussian":
+        z = jax.random.normal(key, static.mask_shape, jnp.float32)
+        if isinstance(r, float):
+            if r >= 1.0:
+                return jnp.zeros(static.mask_shape, jnp.float32), None
+            return 1.0 + math.sqrt(r / (1.0 - r)) * z, None
+        sigma = jnp.sqrt(r / jnp.maximum(1.0 - r, 1e-30))
+        return jnp.where(r < 1.0, 1.0 + sigma * z, 0.0), None
+    k = _masks.keep_threshold(r, static.bits)
+    keep = _masks.keep_mask(key, static.mask_shape, k, static.bits)
+    if static.kind == "dropout":
+        return jnp.where(keep, jnp.float32(_masks.inverse_keep(k, static.bits)), 0.0), None
+    # Alpha dropout: dropped units are set to SELU's negative saturation alpha', then an
+    # affine map a * (.) + b restores zero mean and unit variance.
+    q = (k / 2**static.bits) if isinstance(k, int) else k / jnp.float32(2**static.bits)
+    if isinstance(q, float):
+        a = 0.0 if q == 0.0 else (q + _ALPHA_PRIME**2 * q * (1.0 - q)) ** -0.5
+    else:
+        a = jnp.where(q > 0, lax.rsqrt(jnp.maximum(q + _ALPHA_PRIME**2 * q * (1.0 - q), 1e-30)), 0.0)
+    b = -a * _ALPHA_PRIME * (1.0 - q)
+    m = jnp.where(keep, jnp.float32(a), 0.0)
+    c = jnp.where(keep, jnp.float32(b), jnp.float32(a * _ALPHA_PRIME + b))
+    return m, c
+
+
+def _apply(x, key, rate, static: _Static, with_offset: bool):
+    m, c = _noise(key, rate, static)
+    cdt = jnp.promote_types(x.dtype, jnp.float32)
+    y = x.astype(cdt) * m.astype(cdt)
+    if with_offset and c is not None:
+        y = y + c.astype(cdt)
+    if static.rate is None:
+        # A traced rate cannot raise: an invalid one (NaN, < 0, > 1) poisons the output.
+        y = jnp.where(_checks.invalid_rate(rate), jnp.nan, y)
+    return y.astype(x.dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _noisy(x, key, rate, static):
+    return _apply(x, key, rate, static, True)
+
+
+@_noisy.defjvp
+def _noisy_jvp(static, primals, tangents):
+    x, key, rate = primals
+    y = _noisy(x, key, rate, static)
+    # The tangent is linear in t; under jax.checkpoint reverse mode saves (key, rate) and
+    # regenerates the multiplier, instead of keeping a mask alive until the backward pass.
+    tangent = jax.checkpoint(_apply, static_argnums=(3, 4))(tangents[0], key, rate, static, False)
+    return y, tangent
+
+
+def _random_map(fn, kind, key, x, rate, train, broadcast_dims, mask_bits):
+    """Validation and the static / traced dispatch shared by the family."""
+    x = _checks.check_floating(x, fn)
+    rate = _checks.check_rate(rate, fn)
+    train = _checks.check_train(train, fn)
+    if mask_bits not in _masks.MASK_BITS:
+        raise ValueError(f"{fn}: `mask_bits` must be one of {_masks.MASK_BITS}; got {mask_bits!r}.")
+    bdims = _checks.normalize_axes(tuple(broadcast_dims), x.ndim, fn, "broadcast_dims")
+    if train is False or (isinstance(rate, float) and rate == 0.0):
+        return x
+    key = _checks.check_key(key, fn)
+    mask_shape = tuple(1 if i in bdims else d for i, d in enumerate(x.shape))
+    static = _Static(kind, mask_shape, mask_bits, rate if isinstance(rate, float) else None)
+    dyn_rate = jnp.float32(0.0) if isinstance(rate, float) else rate
+
+    def drop(x):
+        return _noisy(x, key, dyn_rate, static)
+
+    if train is True:
+        return drop(x)
+    return lax.cond(train, drop, lambda x: x, x)
+
+
+def dropout(key, x, rate, train, *, broadcast_dims=(), mask_bits: int = 8) -> jax.Array:
+    """Inverted dropout: drop each element with probability ``rate``, scale the rest.
+
+    ``y = x * keep / p`` with ``keep ~ Bernoulli(p)``, ``p = 1 - rate``, so that
+    ``E[y] = x`` and the layer is the identity at evaluation time (no rescaling
+    needed then, unlike the original formulation that scaled at test time).
+
+    The keep probability is quantised to ``2**-mask_bits``: ``p = k / 2**mask_bits``
+    with ``k = round((1 - rate) * 2**mask_bits)``, and kept values are scaled by
+    exactly ``1 / p``, so ``E[y] = x`` holds exactly. With the default 8 bits a
+    rate of 0.1 drops 26/256 = 10.16% of elements; use ``mask_bits=16`` or ``32``
+    when the rate must be finer. Fewer bits are faster: one 32-bit random word
+    feeds ``32 // mask_bits`` elements.
+
+    Args:
+      key: a PRNG key (``jax.random.key(seed)``); may be None when ``train`` is False.
+      x: floating array. The output has the same shape and dtype.
+      rate: probability of DROPPING an element, in [0, 1]. A Python float takes a
+        static path (rate 0 returns ``x``); a traced scalar is accepted, so one
+        compiled function serves every rate. A traced rate that is NaN or outside
+        [0, 1] cannot raise an error, so it turns the output into NaN.
+      train: True to apply dropout, False to return ``x``. A traced boolean is
+        accepted (the choice is made with ``lax.cond``).
+      broadcast_dims: axes along which one mask value is shared (spatial or
+        variational dropout, e.g. ``(1, 2)`` for NHWC feature maps).
+      mask_bits: 8, 16 or 32: the resolution of the keep probability.
+
+    Returns:
+      The array after dropout. Rate 1 gives zeros and zero gradients (never NaN).
+
+    Raises:
+      ValueError: for a concrete rate outside [0, 1] or NaN, bad ``broadcast_dims``
+        or ``mask_bits``.
+      TypeError: for a missing or malformed key while training, a non-boolean
+        ``train``, or an integer ``x``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, dropnorm
+      >>> y = dropnorm.dropout(jax.random.key(0), jnp.ones((2, 4)), 0.5, train=True)
+      >>> sorted(set(y.ravel().tolist())) in ([0.0, 2.0], [2.0], [0.0])
+      True
+      >>> dropnorm.dropout(None, jnp.ones(3), 0.5, train=False).tolist()
+      [1.0, 1.0, 1.0]
+
+    References:
+      Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from
+      Overfitting", JMLR 2014. Gal & Ghahramani, "A Theoretically Grounded
+      Application of Dropout in Recurrent Neural Networks", NeurIPS 2016.
+    """
+    return _random_map("dropout", "dropout", key, x, rate, train, broadcast_dims, mask_bits)
+
+
+def alpha_dropout(key, x, rate, train, *, broadcast_dims=(), mask_bits: int = 8) -> jax.Array:
+    """Alpha dropout for self-normalising (SELU) networks.
+
+    Dropped units are set to SELU's negative saturation value
+    ``alpha' = -scale * alpha ~= -1.7581`` instead of 0, then the affine map
+    ``y = a * (x * keep + alpha' * (1 - keep)) + b`` with
+    ``a = (p + alpha'^2 p (1 - p))^(-1/2)`` and ``b = -a alpha' (1 - p)``
+    (``p`` the exact quantised keep probability) keeps zero mean and unit
+    variance. ``broadcast_dims`` gives PyTorch's FeatureAlphaDropout.
+
+    Args and conventions are those of :func:`dropout`. Rate 1 returns zeros
+    (the limit of the map as ``p -> 0``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, dropnorm
+      >>> x = jax.random.normal(jax.random.key(0), (100_000,))
+      >>> y = dropnorm.alpha_dropout(jax.random.key(1), x, 0.2, train=True)
+      >>> bool(abs(y.mean()) < 0.02 and abs(y.std() - 1) < 0.02)
+      True
+
+    References:
+      Klambauer et al., "Self-Normalizing Neural Networks", NeurIPS 2017.
+    """
+    return _random_map("alpha_dropout", "alpha", key, x, rate, train, broadcast_dims, mask_bits)
+
+
+def gaussian_dropout(key, x, rate, train, *, broadcast_dims=()) -> jax.Array:
+    """Multiplicative Gaussian noise with mean 1 and variance ``rate / (1 - rate)``.
+
+    ``y = x * (1 + sqrt(rate / (1 - rate)) * z)``, ``z ~ N(0, 1)``: the noise has
+    the same mean and variance as inverted dropout's multiplier at that rate. The
+    normal draws use ``jax.random.normal`` (32 bits each). Rate 1 would need
+    infinite variance; it returns zeros, the all-dropped convention of
+    :func:`dropout`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, dropnorm
+      >>> y = dropnorm.gaussian_dropout(jax.random.key(0), jnp.ones(100_000), 0.5, train=True)
+      >>> bool(abs(y.mean() - 1) < 0.02 and abs(y.var() - 1) < 0.03)
+      True
+
+    References:
+      Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from
+      Overfitting", JMLR 2014, section 10.
+    """
+    return _random_map("gaussian_dropout", "gaussian", key, x, rate, train, broadcast_dims, 32)
+
+
+def drop_path(key, x, rate, train, *, mask_bits: int = 8) -> jax.Array:
+    """Stochastic depth: drop whole examples (axis 0) of a residual branch.
+
+    Each example's slice ``x[i]`` is zeroed with probability ``rate`` and the
+    survivors are scaled by the inverse keep probability, so ``E[y] = x``. Use it
+    on the residual branch: ``out = shortcut + drop_path(key, branch(x), rate, train)``.
+    Conventions are those of :func:`dropout`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, dropnorm
+      >>> y = dropnorm.drop_path(jax.random.key(0), jnp.ones((8, 3)), 0.5, train=True)
+      >>> bool(jnp.all((y == 0) | (y == 2)) and jnp.all(y.min(1) == y.max(1)))
+      True
+
+    References:
+      Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016.
+    """
+    x = _checks.check_floating(x, "drop_path")
+    if x.ndim == 0:
+        raise ValueError("drop_path: `x` must have a batch axis (axis 0); got a scalar.")
+    bdims = tuple(range(1, x.ndim))
+    return _random_map("drop_path", "dropout", key, x, rate, train, bdims, mask_bits)
