@@ -11,7 +11,7 @@ import numpy as np
 from jax import lax
 
 from dropnorm import _checks
-from dropnorm._moments import batch_moments, stats_dtype
+from dropnorm._moments import batch_moments, ghost_moments, stats_dtype
 
 
 class BatchNormParams(NamedTuple):
@@ -159,35 +159,37 @@ def _core(fn, params, state, x, train, *, axis, momentum, epsilon, mask, axis_na
                        params, lay.stats_shape, out_dtype)
         return y, state
 
-    if not lay.reduction_axes:
-        raise ValueError(f"{fn}: `axis`={axis!r} leaves no axis to compute batch statistics over.")
+    if not lay.reduction_axes and axis_name is None:
+        raise ValueError(f"{fn}: `axis`={axis!r} leaves no axis to compute batch statistics over "
+                         f"(pass `axis_name` when the batch is a mapped axis, as under vmap).")
     mask = _check_mask(fn, mask, x)
 
-    # Ghost batches: view the batch axis 0 as (chunks, virtual_batch_size) and reduce per chunk.
-    xs, ms, red, sshape = x, mask, lay.reduction_axes, lay.stats_shape
+    # Ghost batches: view the batch axis 0 as (chunks, examples) and reduce per chunk.
+    xs, sshape = x, lay.stats_shape
     if virtual_batch_size is not None:
         v = _checks.check_positive_int(virtual_batch_size, fn, "virtual_batch_size")
         if 0 in lay.feature_axes:
             raise ValueError(f"{fn}: `virtual_batch_size` splits axis 0, the batch axis, but "
                              f"`axis`={axis!r} makes it a feature axis.")
-        if x.shape[0] % v:
-            raise ValueError(f"{fn}: the batch of {x.shape[0]} does not divide into ghost batches "
-                             f"of `virtual_batch_size`={v}; pick a divisor of {x.shape[0]}.")
-        chunked = (x.shape[0] // v, v) + x.shape[1:]
-        xs = x.reshape(chunked)
-        ms = None if mask is None else mask.reshape(chunked)
-        red = tuple(a + 1 for a in lay.reduction_axes)
-        sshape = (1,) + lay.stats_shape
-    if axis_name is None and math.prod(xs.shape[a] for a in red) < 2:
-        raise ValueError(
-            f"{fn}: the batch is too small: training needs at least 2 values per feature to "
-            f"compute statistics, but x.shape={tuple(x.shape)} with `axis`={axis!r} gives "
-            f"{math.prod(xs.shape[a] for a in red)}. Use a bigger batch, train=False, or pass "
-            f"`axis_name` when the batch is spread over a mapped axis."
-        )
-
-    mean, var, count = batch_moments(xs, red, mask=ms, axis_name=axis_name,
-                                     axis_index_groups=axis_index_groups)
+        per_chunk = math.prod(x.shape[a] for a in lay.reduction_axes if a != 0) * v
+        if axis_name is None and x.shape[0] % v == 0 and per_chunk < 2:
+            raise ValueError(f"{fn}: ghost batches of `virtual_batch_size`={v} give {per_chunk} "
+                             f"value per feature; statistics need at least 2.")
+        (mean, var, count), chunks = ghost_moments(
+            x, lay.reduction_axes, v, mask=mask, axis_name=axis_name,
+            axis_index_groups=axis_index_groups, fn=fn)
+        xs = x.reshape((mean.shape[0], -1) + x.shape[1:])
+        sshape = mean.shape
+    else:
+        if axis_name is None and math.prod(x.shape[a] for a in lay.reduction_axes) < 2:
+            raise ValueError(
+                f"{fn}: the batch is too small: training needs at least 2 values per feature to "
+                f"compute statistics, but x.shape={tuple(x.shape)} with `axis`={axis!r} gives "
+                f"{math.prod(x.shape[a] for a in lay.reduction_axes)}. Use a bigger batch, "
+                f"train=False, or pass `axis_name` when the batch is spread over a mapped axis."
+            )
+        mean, var, count = batch_moments(x, lay.reduction_axes, mask=mask, axis_name=axis_name,
+                                         axis_index_groups=axis_index_groups, fn=fn)
     inv_std = lax.rsqrt(var + epsilon)
     if renorm is not None:
         r_max, d_max = renorm
@@ -202,14 +204,17 @@ def _core(fn, params, state, x, train, *, axis, momentum, epsilon, mask, axis_na
         norm_mean, norm_inv_std = mean, inv_std
 
     # The running-average update, from the batch (or the ghost batches' average) statistics.
-    batch_var = var
-    if unbiased_running_var:
-        batch_var = jnp.where(count > 1, var * count / jnp.maximum(count - 1.0, 1.0), var)
-    if virtual_batch_size is not None:
-        upd_mean, upd_var = jnp.mean(mean, 0), jnp.mean(batch_var, 0)
-        valid = jnp.all(count > 0, 0)
+    def unbiased(var, count):
+        if not unbiased_running_var:
+            return var
+        return jnp.where(count > 1, var * count / jnp.maximum(count - 1.0, 1.0), var)
+
+    if virtual_batch_size is not None:  # the average over every ghost batch of the global batch
+        c_mean, c_var, c_count = chunks
+        upd_mean, upd_var = jnp.mean(c_mean, 0), jnp.mean(unbiased(c_var, c_count), 0)
+        valid = jnp.all(c_count > 0, 0)
     else:
-        upd_mean, upd_var, valid = mean, batch_var, count > 0
+        upd_mean, upd_var, valid = mean, unbiased(var, count), count > 0
     reshape = lambda a: a.reshape(lay.feature_shape)  # noqa: E731
     new_state = _update_running(state, reshape(upd_mean), reshape(upd_var),
                                 reshape(jnp.broadcast_to(valid, upd_mean.shape)), momentum)

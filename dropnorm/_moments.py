@@ -5,19 +5,39 @@ in at least float32. Unlike the one-pass ``E[x^2] - E[x]^2`` (Flax's default),
 this stays accurate when ``|mean| >> std`` and can never be negative.
 
 Across devices, each device contributes ``(count, mean, M2)`` where ``M2`` is its
-centred sum of squares; one ``all_gather`` brings every device's triple to
-every device, and Chan et al.'s pairwise formula combines them exactly:
+centred sum of squares; one collective brings every device's triple to every
+device, and Chan et al.'s pairwise formula combines them exactly:
 ``mean = sum(n_i mean_i) / N``, ``M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2)``.
 Devices with different numbers of valid (unmasked) elements are therefore
 weighted correctly, and no device's local centring biases the result.
+
+The collective is ``lax.all_gather`` for one axis name. For a tuple of names it
+is one ``lax.psum`` of the triples placed at each device's linear index (JAX's
+``all_gather`` over several ``vmap`` axes fails), which gives the same gathered
+array. Either way each device receives ``3 * devices * features`` numbers: small
+next to the activations for the usual tens to hundreds of devices.
+
+``axis_index_groups`` is implemented here rather than passed to JAX, because JAX
+supports it in ``pmap`` only (``vmap`` raises ``NotImplementedError``, and
+``shard_map`` supports it in ``all_gather`` but not in ``psum``): after the one
+collective, each device gives weight 0 to the triples of devices outside its
+group. The same code therefore gives per-group statistics under ``shard_map``,
+``pmap`` and ``vmap`` alike, and groups may have different sizes.
+
+References:
+  Chan, Golub & LeVeque, "Updating Formulae and a Pairwise Algorithm for
+  Computing Sample Variances", 1979. Hoffer, Hubara & Soudry, "Train longer,
+  generalize better: closing the generalization gap in large batch training of
+  neural networks" (ghost batch normalisation), NeurIPS 2017.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -26,45 +46,234 @@ def stats_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def batch_moments(x, reduction_axes, *, mask=None, axis_name=None, axis_index_groups=None):
-    """Per-feature mean, biased variance and element count over ``reduction_axes``.
+def check_axis_name(axis_name, fn: str) -> tuple[Hashable, ...] | None:
+    """None, or the axis names as a non-empty tuple (a single name becomes a 1-tuple)."""
+    if axis_name is None:
+        return None
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    bad = not names or any(
+        n is None or isinstance(n, (list, dict, set, tuple)) or not isinstance(n, Hashable)
+        for n in names
+    )
+    if bad:
+        raise TypeError(
+            f"{fn}: `axis_name` must be the name of a mapped axis (a string, as given to "
+            f"shard_map's mesh, pmap or vmap) or a non-empty tuple of names; got {axis_name!r}. "
+            f"Under a sharded jax.jit leave it None: XLA then reduces across devices by itself."
+        )
+    return names
 
-    Args:
-      x: the input.
-      reduction_axes: the axes to reduce (all non-feature axes).
-      mask: None, or a boolean array of ``x``'s shape; False elements are left out.
-      axis_name: a mapped or ``shard_map`` axis name (or tuple of names) to reduce
-        over as well, or None for local statistics.
-      axis_index_groups: optional groups of device indices along ``axis_name``;
-        statistics are then global within each group.
 
-    Returns:
-      ``(mean, var, count)``, each with ``x``'s rank (size 1 along the reduced
-      axes), in ``stats_dtype(x.dtype)``. Features with no valid element get mean
-      0, variance 0 and count 0.
-    """
+def check_axis_index_groups(groups, names, fn: str) -> tuple[tuple[int, ...], ...] | None:
+    """Structural check of ``axis_index_groups`` (the axis size is checked once known)."""
+    if groups is None:
+        return None
+    if names is None:
+        raise ValueError(
+            f"{fn}: `axis_index_groups`={groups!r} needs `axis_name`: groups are sets of "
+            f"device indices along that mapped axis."
+        )
+    msg = (f"{fn}: `axis_index_groups` must be a non-empty sequence of non-empty sequences of "
+           f"device indices, e.g. [[0, 1], [2, 3]]; got {groups!r}.")
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or not groups:
+        raise TypeError(msg)
+    out = []
+    for g in groups:
+        if isinstance(g, (str, bytes)) or not isinstance(g, (Sequence, np.ndarray)) or not len(g):
+            raise TypeError(msg)
+        for i in g:
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+                raise TypeError(msg)
+        out.append(tuple(int(i) for i in g))
+    return tuple(out)
+
+
+def _axis_size(names, fn: str) -> int:
+    try:
+        return int(lax.axis_size(names))
+    except NameError:
+        raise ValueError(
+            f"{fn}: `axis_name`={names if len(names) > 1 else names[0]!r} is not bound: call "
+            f"it inside shard_map, pmap or vmap over an axis of that name. Under a plain or "
+            f"sharded jax.jit leave `axis_name` None: XLA then reduces across devices by itself."
+        ) from None
+
+
+def _group_ids(groups, size: int, fn: str) -> np.ndarray:
+    """``ids[d]`` is the group of device ``d``; every index must appear exactly once."""
+    ids = np.full(size, -1, np.int32)
+    for k, g in enumerate(groups):
+        for i in g:
+            if not 0 <= i < size:
+                raise ValueError(
+                    f"{fn}: `axis_index_groups`={groups!r} contains index {i}, but the axis "
+                    f"has {size} devices (indices 0 to {size - 1})."
+                )
+            if ids[i] >= 0:
+                raise ValueError(
+                    f"{fn}: `axis_index_groups`={groups!r} lists device {i} twice; each device "
+                    f"must be in exactly one group."
+                )
+            ids[i] = k
+    missing = [int(i) for i in np.flatnonzero(ids < 0)]
+    if missing:
+        raise ValueError(
+            f"{fn}: `axis_index_groups`={groups!r} leaves out devices {missing}; the groups must "
+            f"cover all {size} devices of the axis, each exactly once."
+        )
+    return ids
+
+
+def _local(x, reduction_axes, mask):
+    """This device's ``(count, mean, M2)``, each of x's rank, count broadcast to mean's shape."""
     dt = stats_dtype(x.dtype)
     xf = x.astype(dt)
     if mask is None:
         n = math.prod(x.shape[a] for a in reduction_axes)
-        count = jnp.full((1,) * x.ndim, n, dt)
         mean = jnp.mean(xf, reduction_axes, keepdims=True)
         m2 = jnp.sum(jnp.square(xf - mean), reduction_axes, keepdims=True)
+        count = jnp.full(mean.shape, n, dt)
     else:
         count = jnp.sum(mask, reduction_axes, keepdims=True, dtype=dt)
         safe = jnp.maximum(count, 1.0)
         mean = jnp.sum(jnp.where(mask, xf, 0.0), reduction_axes, keepdims=True) / safe
         m2 = jnp.sum(jnp.where(mask, jnp.square(xf - mean), 0.0), reduction_axes, keepdims=True)
-    if axis_name is not None:
-        count = jnp.broadcast_to(count, mean.shape)
-        gathered = lax.all_gather(
-            jnp.stack([count, mean, m2]), axis_name, axis_index_groups=axis_index_groups
+    return count, mean, m2
+
+
+def _gather(triple, names, size: int):
+    """One collective: ``(size, *triple.shape)``, device ``d``'s triple at index ``d``."""
+    if len(names) == 1:
+        return lax.all_gather(triple, names[0]).reshape((size,) + triple.shape)
+    me = lax.axis_index(names)
+    onehot = (jnp.arange(size) == me).astype(triple.dtype).reshape((size,) + (1,) * triple.ndim)
+    return lax.psum(onehot * triple, names)
+
+
+def _combine(counts, means, m2s, axis: int):
+    """Chan's exact pairwise combination along ``axis``: ``(count, mean, M2)``."""
+    count = jnp.sum(counts, axis)
+    mean = jnp.sum(counts * means, axis) / jnp.maximum(count, 1.0)
+    dev = means - jnp.expand_dims(mean, axis)
+    m2 = jnp.sum(m2s, axis) + jnp.sum(counts * jnp.square(dev), axis)
+    return count, mean, m2
+
+
+def _finish(count, mean, m2):
+    return mean, m2 / jnp.maximum(count, 1.0), count
+
+
+def batch_moments(x, reduction_axes, *, mask=None, axis_name=None, axis_index_groups=None,
+                  fn: str = "batch_norm"):
+    """Per-feature mean, biased variance and element count over ``reduction_axes``.
+
+    Args:
+      x: the input.
+      reduction_axes: the axes to reduce (all non-feature axes; may be empty when
+        ``axis_name`` is given, e.g. one example per ``vmap`` lane).
+      mask: None, or a boolean array of ``x``'s shape; False elements are left out.
+      axis_name: a mapped or ``shard_map`` axis name (or tuple of names) to reduce
+        over as well, or None for local statistics.
+      axis_index_groups: optional groups of device indices along ``axis_name``
+        (linear indices for a tuple of names); statistics are then global within
+        each group.
+      fn: the public function's name, for error messages.
+
+    Returns:
+      ``(mean, var, count)``, each with ``x``'s rank (size 1 along the reduced
+      axes), in ``stats_dtype(x.dtype)``. Features with no valid element get mean
+      0, variance 0 and count 0.
+
+    Raises:
+      TypeError: malformed ``axis_name`` or ``axis_index_groups``.
+      ValueError: an unbound ``axis_name``, or groups that do not partition the axis.
+    """
+    names = check_axis_name(axis_name, fn)
+    groups = check_axis_index_groups(axis_index_groups, names, fn)
+    count, mean, m2 = _local(x, reduction_axes, mask)
+    if names is None:
+        return _finish(count, mean, m2)
+    size = _axis_size(names, fn)
+    ids = None if groups is None else _group_ids(groups, size, fn)
+    gathered = _gather(jnp.stack([count, mean, m2]), names, size)  # (size, 3, *mean.shape)
+    counts, means, m2s = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+    if ids is not None:
+        mine = jnp.asarray(ids)[lax.axis_index(names)]
+        member = (jnp.asarray(ids) == mine).astype(counts.dtype).reshape((size,) + (1,) * x.ndim)
+        counts, m2s = counts * member, m2s * member
+    return _finish(*_combine(counts, means, m2s, 0))
+
+
+def ghost_moments(x, reduction_axes, virtual_batch_size: int, *, mask=None, axis_name=None,
+                  axis_index_groups=None, fn: str = "batch_norm"):
+    """Ghost batch moments: statistics per consecutive chunk of the (global) batch axis 0.
+
+    The ghost batches are consecutive chunks of ``virtual_batch_size`` examples of
+    the global batch, wherever its pieces live: with ``axis_name``, device ``d``
+    holds the ``d``-th consecutive piece of the batch (as ``shard_map`` with
+    ``P(axis_name)`` and ``pmap`` over a reshaped batch lay it out), so the result
+    equals the single-device computation on the whole batch. When the local batch
+    is a multiple of ``virtual_batch_size`` each device's chunks are its own; when
+    ``virtual_batch_size`` is a multiple of the local batch, each ghost batch spans
+    that many consecutive devices.
+
+    Args:
+      x: the input; axis 0 is the batch axis.
+      reduction_axes: the non-feature axes of ``x`` (must include 0).
+      virtual_batch_size: the ghost batch size (a positive int).
+      mask, axis_name, axis_index_groups, fn: as :func:`batch_moments`.
+        ``axis_index_groups`` cannot be combined with ghost batches.
+
+    Returns:
+      ``(local, chunks)``. ``local`` is ``(mean, var, count)`` for this device's
+      ghost batches, each of shape ``(c, *stats_shape)``, where ``c`` is the number
+      of chunks ``x`` is split into (``x.reshape((c, -1) + x.shape[1:])``).
+      ``chunks`` is ``(mean, var, count)`` of every ghost batch of the global
+      batch, shape ``(chunks, *stats_shape)``, for the running-average update.
+
+    Raises:
+      ValueError: a batch that does not divide into ghost batches, or
+        ``axis_index_groups`` together with ghost batches.
+    """
+    names = check_axis_name(axis_name, fn)
+    check_axis_index_groups(axis_index_groups, names, fn)
+    if axis_index_groups is not None:
+        raise ValueError(
+            f"{fn}: `virtual_batch_size` cannot be combined with `axis_index_groups`: ghost "
+            f"batches already define which examples share statistics. Drop one of them."
         )
-        # gathered: (devices, 3, *mean.shape), or (3, *mean.shape) if the axis has size 1.
-        gathered = gathered.reshape((-1, 3) + mean.shape)
-        counts, means, m2s = gathered[:, 0], gathered[:, 1], gathered[:, 2]
-        count = jnp.sum(counts, 0)
-        mean = jnp.sum(counts * means, 0) / jnp.maximum(count, 1.0)
-        m2 = jnp.sum(m2s, 0) + jnp.sum(counts * jnp.square(means - mean), 0)
-    var = m2 / jnp.maximum(count, 1.0)
-    return mean, var, count
+    b, v = x.shape[0], virtual_batch_size
+    size = 1 if names is None else _axis_size(names, fn)
+    where = "" if names is None else " on each device"
+    if b % v == 0:  # every ghost batch lies on one device
+        c = b // v
+        span = 1
+    elif names is not None and v % b == 0 and size % (v // b) == 0:  # one spans `span` devices
+        c = 1
+        span = v // b
+    else:
+        hint = f"; pick a divisor of {b}" if names is None else (
+            f" and the {size} devices do not group into ghost batches of {v} either; pick a "
+            f"divisor of {b}, or a multiple of {b} that divides the global batch of {b * size}")
+        raise ValueError(
+            f"{fn}: the batch of {b}{where} does not divide into ghost batches of "
+            f"`virtual_batch_size`={v}{hint}."
+        )
+    chunked = (c, b // c) + x.shape[1:]
+    xs = x.reshape(chunked)
+    ms = None if mask is None else mask.reshape(chunked)
+    red = tuple(a + 1 for a in reduction_axes)
+    count, mean, m2 = _local(xs, red, ms)  # (c, *stats_shape) each
+    if names is None:
+        local = _finish(count, mean, m2)
+        return local, local
+    gathered = _gather(jnp.stack([count, mean, m2], 1), names, size)  # (size, c, 3, ...)
+    if span == 1:
+        chunks = gathered.reshape((size * c,) + gathered.shape[2:])
+        allc = _finish(chunks[:, 0], chunks[:, 1], chunks[:, 2])
+        return _finish(count, mean, m2), allc
+    grouped = gathered.reshape((size // span, span) + gathered.shape[2:])  # c == 1
+    allc = _combine(grouped[:, :, 0], grouped[:, :, 1], grouped[:, :, 2], 1)
+    mine = lax.axis_index(names) // span
+    local = tuple(lax.dynamic_index_in_dim(a, mine, 0, keepdims=True) for a in allc)
+    return _finish(*local), _finish(*allc)
