@@ -32,8 +32,12 @@ class _Static(NamedTuple):
     rate: float | None  # the rate when it is a Python number, else None (traced)
 
 
-def _noise(key, rate, static: _Static):
-    """The multiplier ``m`` and offset ``c`` (None for 0) of ``y = x * m + c``, in float32."""
+def _noise(key, rate, static: _Static, dtype=jnp.float32):
+    """The multiplier ``m`` and offset ``c`` (None for 0) of ``y = x * m + c``, in float32.
+
+    Inverted dropout's multiplier is in ``dtype`` (the compute dtype), so that for float64
+    inputs the scale ``1 / p`` is not rounded to float32 (``E[y] = x`` exactly).
+    """
     r = static.rate if static.rate is not None else rate
     if static.kind == "gaussian":
         z = jax.random.normal(key, static.mask_shape, jnp.float32)
@@ -46,14 +50,16 @@ def _noise(key, rate, static: _Static):
     k = _masks.keep_threshold(r, static.bits)
     keep = _masks.keep_mask(key, static.mask_shape, k, static.bits)
     if static.kind == "dropout":
-        return jnp.where(keep, jnp.float32(_masks.inverse_keep(k, static.bits)), 0.0), None
+        inv = jnp.asarray(_masks.inverse_keep(k, static.bits), dtype)
+        return jnp.where(keep, inv, jnp.zeros((), dtype)), None
     # Alpha dropout: dropped units are set to SELU's negative saturation alpha', then an
     # affine map a * (.) + b restores zero mean and unit variance.
     q = (k / 2**static.bits) if isinstance(k, int) else k / jnp.float32(2**static.bits)
     if isinstance(q, float):
         a = 0.0 if q == 0.0 else (q + _ALPHA_PRIME**2 * q * (1.0 - q)) ** -0.5
     else:
-        a = jnp.where(q > 0, lax.rsqrt(jnp.maximum(q + _ALPHA_PRIME**2 * q * (1.0 - q), 1e-30)), 0.0)
+        var = jnp.maximum(q + _ALPHA_PRIME**2 * q * (1.0 - q), 1e-30)
+        a = jnp.where(q > 0, lax.rsqrt(var), 0.0)
     b = -a * _ALPHA_PRIME * (1.0 - q)
     m = jnp.where(keep, jnp.float32(a), 0.0)
     c = jnp.where(keep, jnp.float32(b), jnp.float32(a * _ALPHA_PRIME + b))
@@ -61,8 +67,8 @@ def _noise(key, rate, static: _Static):
 
 
 def _apply(x, key, rate, static: _Static, with_offset: bool):
-    m, c = _noise(key, rate, static)
     cdt = jnp.promote_types(x.dtype, jnp.float32)
+    m, c = _noise(key, rate, static, cdt)
     y = x.astype(cdt) * m.astype(cdt)
     if with_offset and c is not None:
         y = y + c.astype(cdt)
