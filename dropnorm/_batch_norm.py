@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,78 @@ def _normalize(x, mean, inv_std, params, stats_shape, out_dtype):
     return y.astype(out_dtype)
 
 
+class _Fast(NamedTuple):
+    reduction_axes: tuple[int, ...]
+    stats_shape: tuple[int, ...]
+    out_dtype: Any
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _train_normalize(static, x, mask, scale, bias, epsilon):
+    """Training-mode batch norm on local statistics: ``(y, mean, var, count)``.
+
+    A ``jax.custom_jvp`` with a hand-written tangent (not ``custom_vjp``, so
+    ``jax.jvp``, ``jax.hessian``, ``vmap`` and ``scan`` keep working). The tangent
+    is computed inside ``jax.checkpoint`` from ``x`` and per-feature vectors, so
+    reverse mode keeps only the input (plus the mask, if any) alive for the
+    backward pass, and XLA compiles the backward to two fused reductions and one
+    elementwise pass instead of autodiff's chain through the two-pass variance.
+    """
+    mean, var, count = batch_moments(x, static.reduction_axes, mask=mask)
+    y = _normalize(x, mean, lax.rsqrt(var + epsilon), BatchNormParams(scale, bias),
+                   static.stats_shape, static.out_dtype)
+    return y, mean, var, count
+
+
+def _train_normalize_tangent(static, x, mask, mean, inv_std, count, scale, tx, tscale, tbias,
+                             teps):
+    """Tangents of ``(y, mean, var)``, linear in ``(tx, tscale, tbias, teps)``.
+
+    With ``xc = x - mean`` and ``t = tx``: ``tmean = E[t]``, ``tvar = 2 E[xc t]``
+    (``E[xc] = 0``), ``tinv = -inv_std**3 (tvar + teps) / 2`` and
+    ``ty = a (t - tmean) + xc (tinv g + inv_std tscale) + tbias`` with
+    ``a = inv_std g``; expectations are over the (valid) batch elements.
+    """
+    dt = stats_dtype(x.dtype)
+    red, sshape = static.reduction_axes, static.stats_shape
+    xc = x.astype(dt) - mean
+    t = tx.astype(dt)
+    if mask is None:
+        tmean = jnp.mean(t, red, keepdims=True)
+        tvar = 2.0 * jnp.mean(xc * t, red, keepdims=True)
+    else:
+        safe = jnp.maximum(count, 1.0)
+        tmean = jnp.sum(jnp.where(mask, t, 0.0), red, keepdims=True) / safe
+        tvar = 2.0 * jnp.sum(jnp.where(mask, xc * t, 0.0), red, keepdims=True) / safe
+    tinv = -0.5 * inv_std**3 * (tvar + teps.astype(dt))
+    if scale is None:
+        a, k = inv_std, tinv
+    else:
+        g = scale.reshape(sshape).astype(dt)
+        a, k = inv_std * g, tinv * g + inv_std * tscale.reshape(sshape).astype(dt)
+    c = -a * tmean
+    if tbias is not None:
+        c = c + tbias.reshape(sshape).astype(dt)
+    ty = a * t + xc * k + c
+    return ty.astype(static.out_dtype), tmean, tvar
+
+
+_checkpointed_tangent = jax.checkpoint(_train_normalize_tangent, static_argnums=(0,))
+
+
+@_train_normalize.defjvp
+def _train_normalize_jvp(static, primals, tangents):
+    x, mask, scale, bias, epsilon = primals
+    tx, _, tscale, tbias, teps = tangents
+    mean, var, count = batch_moments(x, static.reduction_axes, mask=mask)
+    inv_std = lax.rsqrt(var + epsilon)
+    y = _normalize(x, mean, inv_std, BatchNormParams(scale, bias), static.stats_shape,
+                   static.out_dtype)
+    ty, tmean, tvar = _checkpointed_tangent(static, x, mask, mean, inv_std, count, scale, tx,
+                                            tscale, tbias, teps)
+    return (y, mean, var, count), (ty, tmean, tvar, jnp.zeros_like(count))
+
+
 def _update_running(state, batch_mean, batch_var, valid, momentum):
     """The new state: running averages of the batch statistics, and count + 1."""
     count = state.count + 1
@@ -164,6 +237,9 @@ def _core(fn, params, state, x, train, *, axis, momentum, epsilon, mask, axis_na
                          f"(pass `axis_name` when the batch is a mapped axis, as under vmap).")
     mask = _check_mask(fn, mask, x)
 
+    # The common case (local statistics, no ghost batches, no renorm, static train=True) takes
+    # the custom-derivative path; the others differentiate the same formula by autodiff.
+    fast = train is True and renorm is None and virtual_batch_size is None and axis_name is None
     # Ghost batches: view the batch axis 0 as (chunks, examples) and reduce per chunk.
     xs, sshape = x, lay.stats_shape
     if virtual_batch_size is not None:
@@ -179,7 +255,7 @@ def _core(fn, params, state, x, train, *, axis, momentum, epsilon, mask, axis_na
             x, lay.reduction_axes, v, mask=mask, axis_name=axis_name,
             axis_index_groups=axis_index_groups, fn=fn)
         xs = x.reshape((mean.shape[0], -1) + x.shape[1:])
-        sshape = mean.shape
+        sshape = (1,) + lay.stats_shape  # broadcasts against the (chunks, ...) statistics
     else:
         if axis_name is None and math.prod(x.shape[a] for a in lay.reduction_axes) < 2:
             raise ValueError(
@@ -188,8 +264,16 @@ def _core(fn, params, state, x, train, *, axis, momentum, epsilon, mask, axis_na
                 f"{math.prod(x.shape[a] for a in lay.reduction_axes)}. Use a bigger batch, "
                 f"train=False, or pass `axis_name` when the batch is spread over a mapped axis."
             )
-        mean, var, count = batch_moments(x, lay.reduction_axes, mask=mask, axis_name=axis_name,
-                                         axis_index_groups=axis_index_groups, fn=fn)
+        if fast:
+            scale = None if params is None else params.scale
+            bias = None if params is None else params.bias
+            y_fast, mean, var, count = _train_normalize(
+                _Fast(lay.reduction_axes, lay.stats_shape, out_dtype), x, mask, scale, bias,
+                jnp.asarray(epsilon, dt))
+        else:
+            mean, var, count = batch_moments(x, lay.reduction_axes, mask=mask,
+                                             axis_name=axis_name,
+                                             axis_index_groups=axis_index_groups, fn=fn)
     inv_std = lax.rsqrt(var + epsilon)
     if renorm is not None:
         r_max, d_max = renorm
@@ -223,6 +307,8 @@ def _core(fn, params, state, x, train, *, axis, momentum, epsilon, mask, axis_na
         norm_mean = jnp.where(train, norm_mean, state.mean.reshape(sshape).astype(dt))
         norm_inv_std = jnp.where(train, norm_inv_std, running_inv_std().reshape(sshape))
         new_state = jax.tree.map(lambda new, old: jnp.where(train, new, old), new_state, state)
+    if fast:
+        return y_fast, new_state
     y = _normalize(xs, norm_mean, norm_inv_std, params, sshape, out_dtype)
     return y.reshape(x.shape), new_state
 
