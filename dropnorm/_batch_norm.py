@@ -12,7 +12,13 @@ import numpy as np
 from jax import lax
 
 from dropnorm import _checks
-from dropnorm._moments import batch_moments, ghost_moments, stats_dtype
+from dropnorm._moments import (
+    batch_moments,
+    check_axis_index_groups,
+    check_axis_name,
+    ghost_moments,
+    stats_dtype,
+)
 
 
 class BatchNormParams(NamedTuple):
@@ -220,6 +226,7 @@ def _core(fn, params, state, x, train, *, axis, momentum, epsilon, mask, axis_na
     train = _checks.check_train(train, fn)
     momentum = _checks.check_momentum(momentum, fn, allow_none=True)
     epsilon = _checks.check_epsilon(epsilon, fn)
+    check_axis_index_groups(axis_index_groups, check_axis_name(axis_name, fn), fn)
     lay = _layout(fn, params, state, x, axis)
     out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
     dt = stats_dtype(x.dtype)

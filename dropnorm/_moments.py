@@ -11,11 +11,13 @@ device, and Chan et al.'s pairwise formula combines them exactly:
 Devices with different numbers of valid (unmasked) elements are therefore
 weighted correctly, and no device's local centring biases the result.
 
-The collective is ``lax.all_gather`` for one axis name. For a tuple of names it
-is one ``lax.psum`` of the triples placed at each device's linear index (JAX's
-``all_gather`` over several ``vmap`` axes fails), which gives the same gathered
-array. Either way each device receives ``3 * devices * features`` numbers: small
-next to the activations for the usual tens to hundreds of devices.
+Over device axes (``shard_map``, ``pmap``) the collective is one ``lax.psum``
+of the triples placed at each device's linear index, which every device receives
+whole: ``3 * devices * features`` numbers, small next to the activations for the
+usual tens to hundreds of devices. A ``psum`` (unlike ``all_gather``) gives a
+replicated result, so the new running statistics can leave ``shard_map`` with
+``out_specs=P()``. Over ``vmap`` axes the triples are gathered with
+``lax.all_gather``, which costs no communication.
 
 ``axis_index_groups`` is implemented here rather than passed to JAX, because JAX
 supports it in ``pmap`` only (``vmap`` raises ``NotImplementedError``, and
@@ -36,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -141,13 +144,36 @@ def _local(x, reduction_axes, mask):
     return count, mean, m2
 
 
+def _manual_axes() -> frozenset:
+    """Names of the device axes of an enclosing ``shard_map`` or ``pmap`` (not ``vmap`` axes)."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    return frozenset(getattr(get(), "manual_axes", ()) if get is not None else ())
+
+
 def _gather(triple, names, size: int):
-    """One collective: ``(size, *triple.shape)``, device ``d``'s triple at index ``d``."""
-    if len(names) == 1:
-        return lax.all_gather(triple, names[0]).reshape((size,) + triple.shape)
-    me = lax.axis_index(names)
-    onehot = (jnp.arange(size) == me).astype(triple.dtype).reshape((size,) + (1,) * triple.ndim)
-    return lax.psum(onehot * triple, names)
+    """``(size, *triple.shape)``: device ``d``'s triple at its linear index ``d`` over ``names``.
+
+    Device axes (``shard_map``, ``pmap``) are gathered by ONE ``psum`` of the triple placed
+    at the device's index: unlike ``all_gather``, whose result ``shard_map`` types as varying,
+    a ``psum`` is replicated, so the new state can leave ``shard_map`` with ``out_specs=P()``.
+    ``vmap`` axes are gathered with ``all_gather``, which ``vmap`` turns into a reshape (no
+    communication, and no ``size``-fold copy per lane).
+    """
+    manual = _manual_axes()
+    dev = tuple(n for n in names if n in manual)
+    out, lead = triple, []
+    if dev:
+        n_dev = math.prod(lax.axis_size(n) for n in dev)
+        onehot = jnp.arange(n_dev) == lax.axis_index(dev)
+        out = lax.psum(jnp.where(onehot.reshape((n_dev,) + (1,) * triple.ndim), triple, 0.0), dev)
+        out = out.reshape(tuple(lax.axis_size(n) for n in dev) + triple.shape)
+        lead = list(dev)
+    for n in reversed([n for n in names if n not in manual]):
+        out = lax.all_gather(out, n)
+        lead.insert(0, n)
+    perm = [lead.index(n) for n in names]
+    out = jnp.transpose(out, perm + list(range(len(lead), out.ndim)))
+    return out.reshape((size,) + triple.shape)
 
 
 def _combine(counts, means, m2s, axis: int):
