@@ -1,0 +1,389 @@
+"""dropnorm.batch_norm against the float64 NumPy reference in ``tests/helpers.py``.
+
+Tolerances (``helpers.TOL``, used as both rtol and atol) are set by the output
+dtype's rounding: the statistics are accumulated in float32 or better, so a
+bfloat16 or float16 output can only be off by its final rounding, and float32
+gets ~100 ulps of headroom for summation order. Running statistics are always
+float32 and are compared with ``STATE_TOL``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import dropnorm
+from tests.helpers import (
+    TOL,
+    f64,
+    feature_shape,
+    random_normal,
+    ref_batch_norm_train,
+    ref_moments,
+    ref_normalize,
+    ref_running_update,
+)
+
+# Running statistics are float32, updated by one multiply-add from float32 batch statistics of
+# O(1-10) data: 1e-5 relative (~100 ulps) plus 1e-6 absolute for means near 0.
+STATE_TOL = dict(rtol=1e-5, atol=1e-6)
+DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64]
+
+
+def _random_params(fshape, seed):
+    rng = np.random.default_rng(seed)
+    return dropnorm.BatchNormParams(
+        jnp.asarray(rng.uniform(0.5, 2.0, fshape), jnp.float32),
+        jnp.asarray(rng.uniform(-1.0, 1.0, fshape), jnp.float32),
+    )
+
+
+def _random_state(fshape, seed, count=0):
+    rng = np.random.default_rng(seed)
+    return dropnorm.BatchNormState(
+        jnp.asarray(rng.uniform(-2.0, 2.0, fshape), jnp.float32),
+        jnp.asarray(rng.uniform(0.5, 3.0, fshape), jnp.float32),
+        jnp.asarray(count, jnp.int32),
+    )
+
+
+@st.composite
+def _cases(draw):
+    ndim = draw(st.integers(2, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
+    if draw(st.booleans()):
+        axis = draw(st.integers(-ndim, ndim - 1))
+        feats = {axis % ndim}
+    else:
+        feats = set(draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim - 1,
+                                  unique=True)))
+        # Some axes negative: the tuple form must accept both spellings.
+        axis = tuple(a - ndim if draw(st.booleans()) else a for a in sorted(feats))
+    assume(math.prod(d for a, d in enumerate(shape) if a not in feats) >= 2)
+    return dict(
+        shape=shape,
+        axis=axis,
+        dtype=draw(st.sampled_from(DTYPES)),
+        seed=draw(st.integers(0, 2**16)),
+        loc=draw(st.floats(-5.0, 5.0)),
+        spread=draw(st.floats(0.5, 3.0)),
+        momentum=draw(st.sampled_from([0.0, 0.5, 0.9, 0.99])),
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(_cases())
+def test_train_matches_float64_reference_across_shapes_axes_dtypes(case):
+    dtype = jnp.dtype(case["dtype"])
+    with jax.enable_x64(dtype == jnp.float64):
+        x = random_normal(case["shape"], dtype, case["seed"], case["loc"], case["spread"])
+        fshape = feature_shape(x.shape, case["axis"])
+        params = _random_params(fshape, case["seed"] + 1)
+        state = _random_state(fshape, case["seed"] + 2, count=3)
+        y, new = dropnorm.batch_norm(params, state, x, True, axis=case["axis"],
+                                     momentum=case["momentum"])
+        want, mean, var, _ = ref_batch_norm_train(x, case["axis"], params.scale, params.bias)
+        assert y.dtype == dtype and y.shape == x.shape
+        tol = TOL[dtype]
+        np.testing.assert_allclose(f64(y), want, rtol=tol, atol=tol)
+        want_mean, want_var = ref_running_update(state.mean, state.var, mean, var,
+                                                 case["momentum"])
+        assert new.mean.dtype == new.var.dtype == jnp.float32
+        np.testing.assert_allclose(f64(new.mean), want_mean, **STATE_TOL)
+        np.testing.assert_allclose(f64(new.var), want_var, **STATE_TOL)
+        assert new.count.dtype == jnp.int32 and int(new.count) == 4
+
+
+@settings(max_examples=25, deadline=None)
+@given(_cases())
+def test_eval_matches_float64_reference_and_returns_the_state_unchanged(case):
+    dtype = jnp.dtype(case["dtype"])
+    with jax.enable_x64(dtype == jnp.float64):
+        x = random_normal(case["shape"], dtype, case["seed"], case["loc"], case["spread"])
+        fshape = feature_shape(x.shape, case["axis"])
+        params = _random_params(fshape, case["seed"] + 1)
+        state = _random_state(fshape, case["seed"] + 2, count=5)
+        y, new = dropnorm.batch_norm(params, state, x, False, axis=case["axis"])
+        want = ref_normalize(x, case["axis"], state.mean, state.var, params.scale, params.bias)
+        assert y.dtype == dtype
+        tol = TOL[dtype]
+        np.testing.assert_allclose(f64(y), want, rtol=tol, atol=tol)
+        assert new is state
+
+
+@pytest.mark.parametrize("axis", [1, -1, (1, 2), (0, -1)])
+def test_int_and_tuple_feature_axes_with_nchw_layout(axis):
+    x = random_normal((6, 3, 4, 5), seed=11, loc=2.0, scale=1.5)
+    fshape = feature_shape(x.shape, axis)
+    params, state = dropnorm.batch_norm_init(fshape if len(fshape) > 1 else fshape[0])
+    y, new = dropnorm.batch_norm(params, state, x, True, axis=axis, momentum=0.9)
+    want, mean, var, _ = ref_batch_norm_train(x, axis)
+    np.testing.assert_allclose(f64(y), want, rtol=TOL[jnp.dtype("float32")],
+                               atol=TOL[jnp.dtype("float32")])
+    assert new.mean.shape == fshape
+    np.testing.assert_allclose(f64(new.mean), 0.1 * mean, **STATE_TOL)
+    np.testing.assert_allclose(f64(new.var), 0.9 + 0.1 * var, **STATE_TOL)
+
+
+def test_no_affine_params():
+    x = random_normal((16, 4), seed=12, loc=-1.0, scale=2.0)
+    _, state = dropnorm.batch_norm_init(4)
+    want = ref_batch_norm_train(x)[0]
+    for params in (None, dropnorm.BatchNormParams(None, None),
+                   dropnorm.batch_norm_init(4, use_scale=False, use_bias=False)[0]):
+        y, _ = dropnorm.batch_norm(params, state, x, True)
+        np.testing.assert_allclose(f64(y), want, rtol=1e-5, atol=1e-5)  # float32, see TOL
+    scale_only = dropnorm.BatchNormParams(jnp.full((4,), 3.0), None)
+    y, _ = dropnorm.batch_norm(scale_only, state, x, True)
+    np.testing.assert_allclose(f64(y), 3.0 * want, rtol=1e-5, atol=3e-5)
+
+
+def test_variance_relative_error_at_mean_1e4_times_std_and_naive_formula_fails():
+    # float32 features whose mean is 1e4 times their standard deviation (std between 0.5 and
+    # 2). Required: relative variance error <= 1e-4 against float64 on the same float32 values.
+    rng = np.random.default_rng(13)
+    c = 8
+    std = rng.uniform(0.5, 2.0, c)
+    x32 = (1e4 * std + std * rng.standard_normal((4096, c))).astype(np.float32)
+    ref_var = x32.astype(np.float64).var(0)
+    params, state = dropnorm.batch_norm_init(c)
+    y, new = dropnorm.batch_norm(params, state, jnp.asarray(x32), True, momentum=0.0)
+    rel = np.abs(f64(new.var) - ref_var) / ref_var  # momentum 0: the running var IS the batch var
+    assert rel.max() <= 1e-4, rel.max()
+    # The outputs are standardised: per-feature mean 0 and variance var / (var + eps).
+    np.testing.assert_allclose(f64(y).std(0), np.sqrt(ref_var / (ref_var + 1e-5)), rtol=1e-4)
+    # The same test applied to the naive one-pass E[x^2] - E[x]^2 in float32 (Flax's default)
+    # fails by orders of magnitude: this shows the test can fail.
+    xf = jnp.asarray(x32)
+    naive = jnp.mean(xf * xf, 0) - jnp.mean(xf, 0) ** 2
+    naive_rel = np.abs(f64(naive) - ref_var) / ref_var
+    assert naive_rel.max() > 1e-1, naive_rel.max()
+    # And already at 1e3 (where the issue says Flax's formula fails).
+    x3 = (1e3 * std + std * rng.standard_normal((4096, c))).astype(np.float32)
+    ref3 = x3.astype(np.float64).var(0)
+    _, new3 = dropnorm.batch_norm(params, state, jnp.asarray(x3), True, momentum=0.0)
+    assert (np.abs(f64(new3.var) - ref3) / ref3).max() <= 1e-4
+    naive3 = jnp.mean(jnp.asarray(x3) ** 2, 0) - jnp.mean(jnp.asarray(x3), 0) ** 2
+    assert (np.abs(f64(naive3) - ref3) / ref3).max() > 1e-2
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**16), st.floats(-1e6, 1e6), st.sampled_from([1e-3, 1e-1, 1.0]),
+       st.sampled_from([jnp.bfloat16, jnp.float16, jnp.float32]))
+def test_variance_is_never_negative_or_nan(seed, loc, spread, dtype):
+    x = random_normal((7, 3), np.float32, seed, loc, spread).astype(dtype)
+    assume(bool(jnp.all(jnp.isfinite(x))))
+    params, state = dropnorm.batch_norm_init(3)
+    y, new = dropnorm.batch_norm(params, state, x, True, momentum=0.0)
+    assert np.all(f64(new.var) >= 0.0) and np.all(np.isfinite(f64(new.var)))
+    assert np.all(np.isfinite(f64(y)))
+
+
+@pytest.mark.parametrize("value", [0.0, 0.1, 1 / 3, 7.3, -123.456, 1e4 + 0.3])
+@pytest.mark.parametrize("n", [2, 3, 7, 100])
+def test_constant_features_have_zero_variance_and_no_nan(value, n):
+    # Feature 0 is constant, feature 1 varies: the constant one must get variance exactly 0,
+    # mean exactly the constant, and y exactly the bias (x - mean == 0), never NaN.
+    rng = np.random.default_rng(n)
+    x = np.stack([np.full(n, value), rng.standard_normal(n)], 1).astype(np.float32)
+    params = dropnorm.BatchNormParams(jnp.array([2.0, 1.0]), jnp.array([0.5, 0.0]))
+    _, state = dropnorm.batch_norm_init(2)
+    y, new = dropnorm.batch_norm(params, state, jnp.asarray(x), True, momentum=0.0)
+    assert float(new.var[0]) == 0.0
+    assert float(new.mean[0]) == float(np.float32(value))
+    np.testing.assert_array_equal(np.asarray(y[:, 0]), 0.5)
+    assert np.all(np.isfinite(np.asarray(y)))
+    # The same in bfloat16 (statistics in float32).
+    y16, new16 = dropnorm.batch_norm(params, state, jnp.asarray(x, jnp.bfloat16), True,
+                                     momentum=0.0)
+    assert float(new16.var[0]) == 0.0 and np.all(np.isfinite(f64(y16)))
+    np.testing.assert_array_equal(f64(y16[:, 0]), 0.5)
+
+
+@pytest.mark.parametrize("mask_shape", ["full", "broadcast"])
+def test_mask_excludes_padding_exactly(mask_shape):
+    # A padded batch (B, T, C): sequence b has lengths[b] valid steps.
+    b, t, c = 4, 9, 3
+    lengths = np.array([9, 2, 5, 7])
+    valid = np.arange(t)[None, :] < lengths[:, None]  # (B, T)
+    x = np.asarray(random_normal((b, t, c), seed=14, loc=1.0, scale=2.0))
+    mask = valid[:, :, None] if mask_shape == "broadcast" else np.broadcast_to(
+        valid[:, :, None], (b, t, c))
+    params = _random_params((c,), 15)
+    state = _random_state((c,), 16)
+
+    def run(pad_value):
+        xp = np.where(valid[:, :, None], x, pad_value).astype(np.float32)
+        return dropnorm.batch_norm(params, state, jnp.asarray(xp), True, mask=jnp.asarray(mask),
+                                   momentum=0.5)
+
+    y, new = run(0.0)
+    # Oracle on the unpadded data only: the valid (n, C) rows.
+    unpadded = x[valid]
+    want_y, mean, var, count = ref_batch_norm_train(unpadded, -1, params.scale, params.bias)
+    assert count.tolist() == [lengths.sum()] * c
+    np.testing.assert_allclose(f64(y)[valid], want_y, rtol=1e-5, atol=1e-5)
+    want_mean, want_var = ref_running_update(state.mean, state.var, mean, var, 0.5)
+    np.testing.assert_allclose(f64(new.mean), want_mean, **STATE_TOL)
+    np.testing.assert_allclose(f64(new.var), want_var, **STATE_TOL)
+    # Exactly: whatever the padding holds, the valid outputs and the state are bit-identical.
+    for pad in (1e6, -3e4, np.inf):
+        y2, new2 = run(pad)
+        np.testing.assert_array_equal(np.asarray(y2)[valid], np.asarray(y)[valid])
+        for a, b_ in zip(new2, new, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b_))
+
+
+def test_feature_without_valid_elements_keeps_its_running_stats():
+    x = random_normal((8, 3), seed=17)
+    mask = jnp.array([[True, False, True]] * 8)
+    state = _random_state((3,), 18)
+    y, new = dropnorm.batch_norm(None, state, x, True, mask=mask, momentum=0.5)
+    assert float(new.mean[1]) == float(state.mean[1]) and float(new.var[1]) == float(state.var[1])
+    assert np.all(np.isfinite(np.asarray(y)))
+    mean, var, _ = ref_moments(x, -1, mask)
+    np.testing.assert_allclose(f64(new.mean)[[0, 2]],
+                               (0.5 * f64(state.mean) + 0.5 * mean)[[0, 2]], **STATE_TOL)
+
+
+def test_running_stats_over_several_steps_then_eval():
+    params = _random_params((5,), 19)
+    _, state = dropnorm.batch_norm_init(5)
+    assert state.mean.tolist() == [0.0] * 5 and state.var.tolist() == [1.0] * 5
+    mean_ref, var_ref = np.zeros(5), np.ones(5)
+    for step in range(1, 5):
+        x = random_normal((32, 5), seed=20 + step, loc=step, scale=1.0 + step)
+        _, state = dropnorm.batch_norm(params, state, x, True, momentum=0.8)
+        _, m, v, _ = ref_batch_norm_train(x)
+        mean_ref, var_ref = ref_running_update(mean_ref, var_ref, m, v, 0.8)
+        assert state.count.dtype == jnp.int32 and int(state.count) == step
+        np.testing.assert_allclose(f64(state.mean), mean_ref, **STATE_TOL)
+        np.testing.assert_allclose(f64(state.var), var_ref, **STATE_TOL)
+    # Evaluation normalises with the running statistics and returns the state it was given.
+    x = random_normal((10, 5), seed=30, loc=3.0)
+    y, same = dropnorm.batch_norm(params, state, x, False)
+    assert same is state
+    want = ref_normalize(x, -1, state.mean, state.var, params.scale, params.bias)
+    np.testing.assert_allclose(f64(y), want, rtol=1e-5, atol=1e-5)
+    # ...which is NOT what the batch statistics give (so the test can tell them apart).
+    assert not np.allclose(f64(y), ref_batch_norm_train(x, -1, params.scale, params.bias)[0],
+                           atol=1e-2)
+
+
+def test_momentum_none_is_the_cumulative_average():
+    _, state = dropnorm.batch_norm_init(3)
+    means, variances = [], []
+    for step in range(5):
+        x = random_normal((16, 3), seed=40 + step, loc=2.0 * step, scale=1.0 + step)
+        _, state = dropnorm.batch_norm(None, state, x, True, momentum=None)
+        _, m, v, _ = ref_batch_norm_train(x)
+        means.append(m)
+        variances.append(v)
+        # The plain average of every batch so far (the initial 0 / 1 has no weight).
+        np.testing.assert_allclose(f64(state.mean), np.mean(means, 0), **STATE_TOL)
+        np.testing.assert_allclose(f64(state.var), np.mean(variances, 0), **STATE_TOL)
+    assert int(state.count) == 5
+
+
+@pytest.mark.parametrize("momentum", [0.9, None])
+def test_unbiased_running_var(momentum):
+    x = random_normal((6, 2, 4), seed=50, scale=2.0)
+    params, state = dropnorm.batch_norm_init(4)
+    y, new = dropnorm.batch_norm(params, state, x, True, momentum=momentum,
+                                 unbiased_running_var=True)
+    want_y, mean, var, count = ref_batch_norm_train(x)
+    # Normalisation still uses the BIASED variance...
+    np.testing.assert_allclose(f64(y), want_y, rtol=1e-5, atol=1e-5)
+    # ...while the running variance moves towards the unbiased (n - 1) one, n = 12.
+    want_mean, want_var = ref_running_update(state.mean, state.var, mean, var, momentum,
+                                             count=count, step=1, unbiased=True)
+    np.testing.assert_allclose(f64(new.mean), want_mean, **STATE_TOL)
+    np.testing.assert_allclose(f64(new.var), want_var, **STATE_TOL)
+    _, biased = dropnorm.batch_norm(params, state, x, True, momentum=momentum)
+    assert not np.allclose(f64(biased.var), want_var, rtol=1e-3)
+
+
+def test_traced_train_equals_the_static_paths():
+    x = random_normal((12, 3, 4), seed=60, loc=1.0, scale=3.0)
+    params = _random_params((4,), 61)
+    state = _random_state((4,), 62, count=2)
+    f = jax.jit(lambda p, s, x, t: dropnorm.batch_norm(p, s, x, t, momentum=0.9))
+    for train in (True, False):
+        y_s, st_s = dropnorm.batch_norm(params, state, x, train, momentum=0.9)
+        y_t, st_t = f(params, state, x, jnp.asarray(train))
+        # Same arithmetic, possibly fused differently by XLA: float32 tolerance (see TOL).
+        np.testing.assert_allclose(f64(y_t), f64(y_s), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(f64(st_t.mean), f64(st_s.mean), **STATE_TOL)
+        np.testing.assert_allclose(f64(st_t.var), f64(st_s.var), **STATE_TOL)
+        assert int(st_t.count) == int(st_s.count) == (3 if train else 2)
+    # Eval through the traced flag returns exactly the state's values.
+    _, st_f = f(params, state, x, jnp.asarray(False))
+    for a, b in zip(st_f, state, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_in_same_dtype_out_running_stats_float32(dtype):
+    x = random_normal((64, 8), dtype, seed=70, loc=4.0, scale=2.0)
+    params, state = dropnorm.batch_norm_init(8)
+    y, new = dropnorm.batch_norm(params, state, x, True)
+    assert y.dtype == jnp.dtype(dtype)
+    assert new.mean.dtype == new.var.dtype == jnp.float32
+    want, mean, var, _ = ref_batch_norm_train(x)
+    tol = TOL[jnp.dtype(dtype)]
+    np.testing.assert_allclose(f64(y), want, rtol=tol, atol=tol)
+    # The statistics were accumulated in float32: the running stats match float64 of the same
+    # low-precision inputs to float32 accuracy, not to bf16/f16 accuracy.
+    np.testing.assert_allclose(f64(new.mean), 0.01 * mean, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(f64(new.var), 0.99 + 0.01 * var, rtol=1e-5)
+    y_eval, _ = dropnorm.batch_norm(params, new, x, False)
+    assert y_eval.dtype == jnp.dtype(dtype)
+    # `dtype=` overrides the output dtype.
+    y32, _ = dropnorm.batch_norm(params, state, x, True, dtype=jnp.float32)
+    assert y32.dtype == jnp.float32
+    np.testing.assert_allclose(f64(y32), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("shape", "axis", "v"), [((12, 5), -1, 4), ((8, 3, 2), -1, 2),
+                                                  ((6, 4, 3), 1, 3)])
+def test_ghost_batches_equal_per_chunk_normalisation(shape, axis, v):
+    x = random_normal(shape, seed=80, loc=2.0, scale=1.5)
+    fshape = feature_shape(shape, axis)
+    params = _random_params(fshape, 81)
+    state = _random_state(fshape, 82)
+    y, new = dropnorm.batch_norm(params, state, x, True, axis=axis, momentum=0.9,
+                                 virtual_batch_size=v)
+    chunks = [x[i:i + v] for i in range(0, shape[0], v)]
+    refs = [ref_batch_norm_train(ch, axis, params.scale, params.bias) for ch in chunks]
+    np.testing.assert_allclose(f64(y), np.concatenate([r[0] for r in refs]), rtol=1e-5,
+                               atol=1e-5)
+    # The running stats move towards the average of the chunks' statistics.
+    want_mean, want_var = ref_running_update(state.mean, state.var,
+                                             np.mean([r[1] for r in refs], 0),
+                                             np.mean([r[2] for r in refs], 0), 0.9)
+    np.testing.assert_allclose(f64(new.mean), want_mean, **STATE_TOL)
+    np.testing.assert_allclose(f64(new.var), want_var, **STATE_TOL)
+    assert int(new.count) == 1
+    # Per-chunk is not whole-batch: the full-batch output differs.
+    y_full, _ = dropnorm.batch_norm(params, state, x, True, axis=axis)
+    assert not np.allclose(f64(y_full), f64(y), atol=1e-3)
+
+
+def test_init_shapes_and_dtypes():
+    params, state = dropnorm.batch_norm_init((2, 3), dtype=jnp.bfloat16)
+    assert params.scale.dtype == params.bias.dtype == jnp.bfloat16
+    assert params.scale.shape == (2, 3)
+    assert state.mean.dtype == state.var.dtype == jnp.float32
+    assert state.count.dtype == jnp.int32 and int(state.count) == 0
+    np.testing.assert_array_equal(np.asarray(state.mean), 0.0)
+    np.testing.assert_array_equal(np.asarray(state.var), 1.0)
+    p, _ = dropnorm.batch_norm_init(3, use_scale=False)
+    assert p.scale is None and p.bias is not None
+    # NamedTuple pytrees: three leaves in the state, None scale is no leaf.
+    assert len(jax.tree.leaves(state)) == 3 and len(jax.tree.leaves(p)) == 1
