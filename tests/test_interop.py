@@ -212,6 +212,14 @@ def test_whole_model_state_dict_with_prefix():
         batch_norm_from_torch(model.state_dict())
 
 
+def test_low_precision_module_converts_to_float32():
+    module = _randomise(torch.nn.BatchNorm1d(4), seed=12).to(torch.bfloat16)
+    params, state = batch_norm_from_torch(module)
+    assert params.scale.dtype == state.var.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(state.var), module.running_var.float().numpy())
+    np.testing.assert_array_equal(np.asarray(params.bias), module.bias.detach().float().numpy())
+
+
 def test_old_checkpoint_without_num_batches_tracked_gets_count_zero():
     sd = dict(torch.nn.BatchNorm1d(2).state_dict())
     del sd["num_batches_tracked"]
@@ -238,6 +246,9 @@ def test_bad_inputs_are_clear_errors():
         batch_norm_from_torch(torch.nn.LayerNorm(3))
     with pytest.raises(TypeError, match="BatchNorm1d/2d/3d"):
         batch_norm_kwargs_from_torch(torch.nn.Linear(2, 2))
+    # InstanceNorm shares PyTorch's _NormBase but normalises per example: not a batch norm.
+    with pytest.raises(TypeError, match="BatchNorm1d/2d/3d"):
+        batch_norm_from_torch(torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True))
     sd = dict(torch.nn.BatchNorm1d(2).state_dict())
     del sd["bias"]
     with pytest.raises(ValueError, match="only one of weight and bias"):
@@ -306,7 +317,9 @@ def test_flax_training_step_matches_after_conversion():
 
 
 def test_readme_porting_snippet():
-    # Kept identical to the "Porting from PyTorch" snippet of the README.
+    # Kept identical to the "Porting from PyTorch" snippet of the README (/tmp/readme_interop.md).
+    import jax.numpy as jnp
+    import numpy as np
     import torch
 
     import dropnorm
