@@ -79,7 +79,8 @@ class _BatchNormBase(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
 
-    def _pure(self, params, state, x, train, *, mask, axis_name, initializing, out_dtype):
+    def _pure(self, params, state, x, train, *, mask, axis_name, groups, initializing,
+              out_dtype):
         raise NotImplementedError
 
     @nn.compact
@@ -126,6 +127,7 @@ class _BatchNormBase(nn.Module):
             BatchNormParams(scale, bias), state, x, train, mask=mask,
             # Like Flax: no collective while initialising (the axis need not exist yet).
             axis_name=None if initializing else self.axis_name,
+            groups=None if initializing else self.axis_index_groups,
             initializing=initializing, out_dtype=out_dtype)
         if train is not False and not initializing:
             ra_mean.value = new_state.mean
@@ -206,11 +208,12 @@ class BatchNorm(_BatchNormBase):
 
     virtual_batch_size: int | None = None
 
-    def _pure(self, params, state, x, train, *, mask, axis_name, initializing, out_dtype):
+    def _pure(self, params, state, x, train, *, mask, axis_name, groups, initializing,
+              out_dtype):
         train, vbs = self._init_train(x, train, self.virtual_batch_size, initializing)
         return batch_norm(params, state, x, train, axis=self.axis, momentum=self.momentum,
                           epsilon=self.epsilon, mask=mask, axis_name=axis_name,
-                          axis_index_groups=self.axis_index_groups, virtual_batch_size=vbs,
+                          axis_index_groups=groups, virtual_batch_size=vbs,
                           dtype=out_dtype)
 
 
@@ -245,12 +248,13 @@ class BatchRenorm(_BatchNormBase):
     r_max: float = 3.0
     d_max: float = 5.0
 
-    def _pure(self, params, state, x, train, *, mask, axis_name, initializing, out_dtype):
+    def _pure(self, params, state, x, train, *, mask, axis_name, groups, initializing,
+              out_dtype):
         train, _ = self._init_train(x, train, None, initializing)
         return batch_renorm(params, state, x, train, r_max=self.r_max, d_max=self.d_max,
                             axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
                             mask=mask, axis_name=axis_name,
-                            axis_index_groups=self.axis_index_groups, dtype=out_dtype)
+                            axis_index_groups=groups, dtype=out_dtype)
 
 
 class _RandomBase(nn.Module):

@@ -152,6 +152,27 @@ def test_tuple_feature_axes_and_ghost_batches():
         dnx.BatchNorm(0, rngs=nnx.Rngs(0))
 
 
+def test_axis_name_across_devices():
+    from jax.sharding import Mesh, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+    x = jax.random.normal(jax.random.key(0), (32, 3)) * 2 + 1  # 4 examples on each of 8 devices
+    outs = []
+    for lib in (nnx, dnx):
+        graphdef, state = nnx.split(lib.BatchNorm(3, axis_name="d", momentum=0.0,
+                                                  rngs=nnx.Rngs(0)))
+
+        def f(state, x, graphdef=graphdef):
+            m = nnx.merge(graphdef, state)
+            return m(x), m.mean[...][None], m.var[...][None]
+
+        outs.append(jax.shard_map(f, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("d")),
+                                  out_specs=PartitionSpec("d"))(state, x))
+    for a, b in zip(*outs, strict=True):
+        _close(a, b)
+    _close(outs[1][1][0], np.asarray(x).mean(0))  # global statistics
+
+
 def test_batch_renorm_takes_a_batch_norm_state():
     x = jax.random.normal(jax.random.key(0), (8, 3))
     theirs = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
