@@ -147,6 +147,14 @@ class _BatchNormBase(nnx.Module):
                        "or the call, or use model.train() / model.eval() / nnx.view."))
         train = _train_from(use_running_average, fn, "use_running_average")
         x = _checks.check_floating(x, fn)
+        axes = _checks.normalize_axes(self.axis, x.ndim, fn)
+        if tuple(x.shape[a] for a in axes) != tuple(self.mean[...].shape):
+            n = tuple(x.shape[a] for a in axes)
+            raise ValueError(
+                f"{fn}: `x` of shape {tuple(x.shape)} has {n if len(n) > 1 else n[0]} features "
+                f"along axis {self.axis!r}, but the layer was built with num_features="
+                f"{self.num_features!r}. Build it with num_features={n if len(n) > 1 else n[0]}, "
+                f"or set `axis` to the feature axis.")
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         # Flax's dtype rule: promote x, statistics, scale and bias together (or cast them to

@@ -111,6 +111,22 @@ def test_batch_norm_fields_and_defaults_match_flax():
         assert name in ours, name
         assert ours[name] == default, (name, ours[name], default)
     assert set(ours) - set(theirs) == {"virtual_batch_size"}
+    # Flax's force_float32_reductions=False stores the statistics in param_dtype; so do we.
+    x = jnp.ones((4, 3), jnp.bfloat16)
+    kw = dict(force_float32_reductions=False, param_dtype=jnp.bfloat16)
+    v_t = nn.BatchNorm(**kw).init(jax.random.key(0), x, use_running_average=False)
+    v_o = dnn.BatchNorm(**kw).init(jax.random.key(0), x, use_running_average=False)
+    assert _spec(v_o) == _spec(v_t)
+    assert v_o["batch_stats"]["mean"].dtype == jnp.bfloat16
+
+
+def test_core_does_not_import_flax():
+    import subprocess
+    import sys
+
+    code = "import sys, dropnorm; print('flax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_dropout_fields_and_defaults_match_flax():

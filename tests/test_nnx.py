@@ -150,6 +150,10 @@ def test_tuple_feature_axes_and_ghost_batches():
     _close(y, ref.reshape(x.shape))
     with pytest.raises(ValueError, match="num_features"):
         dnx.BatchNorm(0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"has 4 features along axis -1.*num_features=3"):
+        dnx.BatchNorm(3, rngs=nnx.Rngs(0))(x)
+    with pytest.raises(TypeError, match="use_running_average"):
+        dnx.BatchNorm(4, use_running_average="no", rngs=nnx.Rngs(0))(x)
 
 
 def test_axis_name_across_devices():
