@@ -177,6 +177,19 @@ def test_axis_name_across_devices():
     _close(outs[1][1][0], np.asarray(x).mean(0))  # global statistics
 
 
+def test_per_example_vmap_with_axis_name():
+    # BatchNorm inside a per-example nnx.vmap: statistics over the mapped axis, like Flax.
+    x = jax.random.normal(jax.random.key(0), (8, 3)) * 2 + 1
+    outs = []
+    for lib in (nnx, dnx):
+        bn = lib.BatchNorm(3, axis_name="batch", momentum=0.0, rngs=nnx.Rngs(0))
+        y = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="batch")(bn, x)
+        outs.append((y, bn.mean[...], bn.var[...]))
+    for a, b in zip(*outs, strict=True):
+        _close(a, b)
+    _close(outs[1][1], np.asarray(x).mean(0))
+
+
 def test_batch_renorm_takes_a_batch_norm_state():
     x = jax.random.normal(jax.random.key(0), (8, 3))
     theirs = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
