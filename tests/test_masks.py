@@ -1,0 +1,177 @@
+"""Statistical tests of the keep-masks in ``dropnorm._masks``.
+
+The masks cut 32-bit threefry words into 8- or 16-bit uniform integers, so one
+word feeds several elements. These tests check what that must not break: the
+drop fraction (within binomial bounds of the *quantised* rate), uniformity of
+the cut integers, no correlation between neighbours or between the elements that
+share one random word, and the exact quantised keep probability that makes
+``E[y] = x``. Keys are fixed, so every test is deterministic; the bounds are
+six standard deviations (a correct sampler falls outside with probability
+< 2e-9), while each bug they guard against moves the statistic by far more.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import binomial_bounds, quantised_keep
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dropnorm
+from dropnorm import _masks
+
+N = 1 << 20  # elements per statistical sample: ~1 MB of uint8, a few ms to draw
+Z = 6.0  # standard deviations allowed by every bound below
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64) - a.mean()
+    b = b.astype(np.float64) - b.mean()
+    return float((a * b).sum() / math.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def _corr_bound(n: int) -> float:
+    # The sample correlation of n independent pairs has standard deviation ~ 1 / sqrt(n).
+    return Z / math.sqrt(n)
+
+
+@pytest.mark.parametrize("bits", [8, 16, 32])
+@pytest.mark.parametrize("rate", [0.05, 0.1, 0.3, 0.5, 0.9])
+def test_drop_fraction_within_binomial_bounds(rate, bits):
+    k = _masks.keep_threshold(rate, bits)
+    keep = np.asarray(_masks.keep_mask(jax.random.key(11), (N,), k, bits))
+    p_drop = 1.0 - quantised_keep(rate, bits)
+    lo, hi = binomial_bounds(N, p_drop, Z)
+    dropped = N - int(keep.sum())
+    assert lo <= dropped <= hi, (rate, bits, dropped, lo, hi)
+
+
+def test_eight_bit_mask_drops_the_quantised_rate_not_the_nominal_one():
+    # rate 0.1 with 8 bits drops 26/256 = 10.16%. With 4M draws the two rates are
+    # ~10 standard deviations apart, so this distinguishes them in both directions.
+    n = 1 << 22
+    keep = np.asarray(_masks.keep_mask(jax.random.key(5), (n,), _masks.keep_threshold(0.1, 8), 8))
+    dropped = n - int(keep.sum())
+    lo, hi = binomial_bounds(n, 26 / 256, Z)
+    assert lo <= dropped <= hi
+    lo_nominal, hi_nominal = binomial_bounds(n, 0.1, Z)
+    assert not lo_nominal <= dropped <= hi_nominal
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_cut_integers_are_uniform_at_every_position_within_a_word(bits):
+    per_word = 32 // bits
+    u = np.asarray(_masks.uniform_bits(jax.random.key(3), (N,), bits)).astype(np.int64)
+    assert u.dtype == np.int64 and u.min() >= 0 and u.max() < 2**bits
+    bins = 256
+    for pos in range(per_word):
+        # Top 8 bits of each value, at one position within the word: chi-square with 255
+        # degrees of freedom (mean 255, sd sqrt(510)).
+        counts = np.bincount(u[pos::per_word] >> (bits - 8), minlength=bins)
+        expected = len(u[pos::per_word]) / bins
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < (bins - 1) + Z * math.sqrt(2 * (bins - 1)), (pos, chi2)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_no_correlation_between_values_that_share_a_random_word(bits):
+    per_word = 32 // bits
+    u = np.asarray(_masks.uniform_bits(jax.random.key(4), (N,), bits)).reshape(-1, per_word)
+    bound = _corr_bound(u.shape[0])
+    for a in range(per_word):
+        for b in range(a + 1, per_word):
+            assert abs(_corr(u[:, a], u[:, b])) < bound, (a, b)
+    # and between the same position in neighbouring words
+    assert abs(_corr(u[:-1, 0], u[1:, 0])) < _corr_bound(u.shape[0] - 1)
+
+
+@pytest.mark.parametrize("bits", [8, 16, 32])
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_no_correlation_between_neighbouring_mask_elements(rate, bits):
+    keep = np.asarray(
+        _masks.keep_mask(jax.random.key(7), (N,), _masks.keep_threshold(rate, bits), bits))
+    # Lags 1-3 fall inside one 32-bit word for 8 bits, lag 1 for 16 bits; 4-8 cross words.
+    for lag in range(1, 9):
+        r = _corr(keep[:-lag], keep[lag:])
+        assert abs(r) < _corr_bound(N - lag), (lag, r)
+
+
+def test_no_correlation_along_the_rows_and_columns_of_a_2d_mask():
+    keep = np.asarray(_masks.keep_mask(jax.random.key(8), (1024, 1024),
+                                       _masks.keep_threshold(0.3, 8), 8))
+    n = keep[:-1].size
+    assert abs(_corr(keep[:-1], keep[1:])) < _corr_bound(n)  # vertical neighbours
+    assert abs(_corr(keep[:, :-1], keep[:, 1:])) < _corr_bound(n)  # horizontal neighbours
+
+
+def test_masks_from_split_keys_are_uncorrelated():
+    k1, k2 = jax.random.split(jax.random.key(9))
+    kk = _masks.keep_threshold(0.5, 8)
+    a = np.asarray(_masks.keep_mask(k1, (N,), kk, 8))
+    b = np.asarray(_masks.keep_mask(k2, (N,), kk, 8))
+    assert abs(_corr(a, b)) < _corr_bound(N)
+
+
+@pytest.mark.parametrize("bits", [8, 16, 32])
+@pytest.mark.parametrize("rate", [0.1, 0.25, 1 / 3, 0.7])
+def test_keep_probability_and_scale_are_exact_so_expectation_is_x(rate, bits):
+    k = _masks.keep_threshold(rate, bits)
+    p = k / 2**bits
+    assert p == quantised_keep(rate, bits)
+    assert abs(p - (1 - rate)) <= 2.0 ** -(bits + 1)  # rounding to the nearest multiple
+    scale = _masks.inverse_keep(k, bits)
+    assert abs(scale * p - 1.0) < 1e-15  # exact up to float64 rounding
+    # The layer itself: every kept value of dropout(ones) is float32(1 / p), so E[y] = 1
+    # exactly, and the sample mean lies within the binomial bounds around 1.
+    y = np.asarray(dropnorm.dropout(jax.random.key(1), jnp.ones((N,)), rate, True,
+                                    mask_bits=bits))
+    kept = y[y != 0]
+    assert np.all(kept == np.float32(1.0 / p))
+    lo, hi = binomial_bounds(N, p, Z)
+    assert lo / N / p <= y.astype(np.float64).mean() <= hi / N / p
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("rate", [0.1, 0.25, 1 / 3, 0.7])
+def test_nominal_scale_would_fail_the_exactness_check(rate, bits):
+    # The kept-value check above can fail: where the rate is not a multiple of 2**-bits,
+    # scaling by 1 / (1 - rate) instead of 1 / p gives a different float32 (for 8 and 16
+    # bits; with 32 bits the two agree to float32 precision, which is the point of 32 bits).
+    p = quantised_keep(rate, bits)
+    if p != 1 - rate:
+        assert np.float32(1.0 / p) != np.float32(1.0 / (1.0 - rate))
+    else:
+        assert rate == 0.25  # exactly representable: nothing to quantise
+
+
+@pytest.mark.parametrize("bits", [8, 16, 32])
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.5, 1.0])
+def test_traced_rate_gives_the_same_mask_as_a_python_rate(rate, bits):
+    key = jax.random.key(2)
+    static = _masks.keep_mask(key, (4096,), _masks.keep_threshold(rate, bits), bits)
+    traced = jax.jit(lambda r: _masks.keep_mask(key, (4096,), _masks.keep_threshold(r, bits),
+                                                bits))(jnp.float32(rate))
+    np.testing.assert_array_equal(np.asarray(static), np.asarray(traced))
+    if rate == 0.0:
+        assert bool(traced.all())  # k = 2**bits keeps everything, also for 32 bits
+    if rate == 1.0:
+        assert not bool(traced.any())
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), seed=st.integers(0, 2**31 - 1),
+       p=st.floats(0.0, 1.0))
+def test_pack_bits_round_trips_and_matches_numpy_packbits(shape, seed, p):
+    shape = tuple(shape)
+    keep = jax.random.bernoulli(jax.random.key(seed), p, shape)
+    packed = _masks.pack_bits(keep)
+    assert packed.dtype == jnp.uint8 and packed.shape == (-(-math.prod(shape) // 8),)
+    np.testing.assert_array_equal(
+        np.asarray(packed), np.packbits(np.asarray(keep).ravel(), bitorder="little"))
+    np.testing.assert_array_equal(np.asarray(_masks.unpack_bits(packed, shape)),
+                                  np.asarray(keep))
