@@ -1,0 +1,223 @@
+"""Bad input gets a clear error, raised when the function is traced.
+
+Each case runs three ways: eagerly, under ``jax.jit`` with ``x`` traced, and under
+``jax.eval_shape`` (which only traces, computing nothing), so every error is
+known to be raised at trace time. Each asserts the exception type AND that the
+message names the argument and the value received.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dropnorm
+
+KEY = jax.random.key(0)
+X = jnp.ones((4, 3))
+
+
+def _raises_at_trace(fn, x, exc, *fragments):
+    """``fn(x)`` raises ``exc`` eagerly, under jit and under eval_shape; the message has all
+    ``fragments``."""
+    for run in (fn, jax.jit(fn), lambda x: jax.eval_shape(fn, x)):
+        with pytest.raises(exc) as info:
+            run(x)
+        msg = str(info.value)
+        for fragment in fragments:
+            assert fragment in msg, (fragment, msg)
+
+
+DROPOUTS = [dropnorm.dropout, dropnorm.alpha_dropout, dropnorm.gaussian_dropout,
+            dropnorm.drop_path]
+
+
+# ---------------------------------------------------------------- rate
+
+
+@pytest.mark.parametrize("fn", DROPOUTS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize(("rate", "shown"), [
+    (-0.1, "-0.1"), (1.5, "1.5"), (float("nan"), "nan"), (np.float32(2.0), "2.0"),
+    (jnp.asarray(-1.0), "-1."), (3, "3"), (-1e-9, "-1e-09"),
+])
+@pytest.mark.parametrize("train", [True, False])
+def test_rate_out_of_range_or_nan(fn, rate, shown, train):
+    # Checked even when not training: a bad rate is a bug whatever the mode (flax#5497).
+    _raises_at_trace(lambda x: fn(KEY, x, rate, train), X, ValueError, "`rate`", shown)
+
+
+@pytest.mark.parametrize("rate", ["0.5", None, [0.5], jnp.array([0.1, 0.2]), True])
+def test_rate_of_the_wrong_kind(rate):
+    _raises_at_trace(lambda x: dropnorm.dropout(KEY, x, rate, True), X, ValueError, "`rate`")
+
+
+def test_traced_rate_must_be_a_real_scalar():
+    f = jax.jit(lambda x, r: dropnorm.dropout(KEY, x, r, True))
+    with pytest.raises(ValueError, match="`rate`.*shape \\(2,\\)"):
+        f(X, jnp.array([0.1, 0.2]))
+
+
+def test_valid_edge_rates_do_not_raise():
+    for rate in (0.0, 1.0, 0, 1, np.float32(0.5), jnp.asarray(0.25)):
+        dropnorm.dropout(KEY, X, rate, True)
+
+
+# ---------------------------------------------------------------- key
+
+
+@pytest.mark.parametrize(("key", "shown"), [
+    (0, "got 0"),
+    (1.5, "got 1.5"),
+    ("seed", "'seed'"),
+    (np.zeros(3, np.uint32), "shape (3,) and dtype uint32"),
+    (jnp.zeros(2, jnp.float32), "shape (2,) and dtype float32"),
+    (jnp.zeros(2, jnp.int32), "shape (2,) and dtype int32"),
+    (jax.random.split(KEY, 2), "shape (2,)"),
+    (None, "None"),
+])
+@pytest.mark.parametrize("fn", DROPOUTS, ids=lambda f: f.__name__)
+def test_bad_key_while_training(fn, key, shown):
+    _raises_at_trace(lambda x: fn(key, x, 0.5, True), X, TypeError, "`key`", shown)
+
+
+def test_none_key_with_a_traced_train_flag():
+    # A traced flag may be True at run time, so a key is needed.
+    f = jax.jit(lambda x, t: dropnorm.dropout(None, x, 0.5, t))
+    with pytest.raises(TypeError, match="`key` is None"):
+        f(X, True)
+
+
+def test_none_key_is_fine_in_eval_and_at_rate_zero():
+    assert dropnorm.dropout(None, X, 0.5, False) is X
+    assert dropnorm.dropout(None, X, 0.0, True) is X
+
+
+# ---------------------------------------------------------------- train, x, dropout extras
+
+
+@pytest.mark.parametrize(("train", "shown"), [("yes", "'yes'"), (1, "1"), (None, "None"),
+                                              (jnp.ones(2, bool), "shape (2,)"),
+                                              (jnp.asarray(1.0), "dtype float32")])
+def test_bad_train_flag(train, shown):
+    _raises_at_trace(lambda x: dropnorm.dropout(KEY, x, 0.5, train), X, TypeError, "`train`",
+                     shown)
+    params, state = dropnorm.batch_norm_init(3)
+    _raises_at_trace(lambda x: dropnorm.batch_norm(params, state, x, train), X, TypeError,
+                     "`train`", shown)
+
+
+def test_integer_x():
+    xi = jnp.ones((4, 3), jnp.int32)
+    _raises_at_trace(lambda x: dropnorm.dropout(KEY, x, 0.5, True), xi, TypeError, "`x`",
+                     "int32")
+    params, state = dropnorm.batch_norm_init(3)
+    _raises_at_trace(lambda x: dropnorm.batch_norm(params, state, x, True), xi, TypeError,
+                     "`x`", "int32")
+
+
+@pytest.mark.parametrize(("bdims", "shown"), [((2,), "(2,)"), ((-3,), "(-3,)"),
+                                              ((0, 0), "(0, 0)")])
+def test_bad_broadcast_dims(bdims, shown):
+    _raises_at_trace(lambda x: dropnorm.dropout(KEY, x, 0.5, True, broadcast_dims=bdims), X,
+                     ValueError, "`broadcast_dims`", shown)
+
+
+@pytest.mark.parametrize("bits", [0, 4, 7, 64, "8"])
+def test_bad_mask_bits(bits):
+    _raises_at_trace(lambda x: dropnorm.dropout(KEY, x, 0.5, True, mask_bits=bits), X,
+                     ValueError, "`mask_bits`", repr(bits))
+
+
+# ---------------------------------------------------------------- batch_norm
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_feature_count_mismatch_names_both_numbers(train):
+    params, state = dropnorm.batch_norm_init(5)
+    _raises_at_trace(lambda x: dropnorm.batch_norm(params, state, x, train), X, ValueError,
+                     "3 features", "5 features", "`state.mean`")
+    # Params and state disagree with x separately: the params are named too.
+    p4, _ = dropnorm.batch_norm_init(4)
+    _, s3 = dropnorm.batch_norm_init(3)
+    _raises_at_trace(lambda x: dropnorm.batch_norm(p4, s3, x, train), X, ValueError,
+                     "3 features", "4 features", "`params.scale`")
+    # With axis=0 the (4, 3) input has 4 features: the message gives the axis.
+    _raises_at_trace(lambda x: dropnorm.batch_norm(None, s3, x, train, axis=0), X, ValueError,
+                     "4 features", "3 features", "axis 0")
+
+
+@pytest.mark.parametrize(("momentum", "shown"), [(-0.1, "-0.1"), (1.5, "1.5"),
+                                                 (float("nan"), "nan"), ("high", "'high'")])
+@pytest.mark.parametrize("train", [True, False])
+def test_momentum_outside_unit_interval(momentum, shown, train):
+    params, state = dropnorm.batch_norm_init(3)
+    _raises_at_trace(lambda x: dropnorm.batch_norm(params, state, x, train, momentum=momentum),
+                     X, ValueError, "`momentum`", shown, "PyTorch")
+
+
+@pytest.mark.parametrize(("epsilon", "shown"), [(-1e-5, "-1e-05"), (float("nan"), "nan"),
+                                                (-math.inf, "-inf")])
+@pytest.mark.parametrize("train", [True, False])
+def test_negative_epsilon(epsilon, shown, train):
+    params, state = dropnorm.batch_norm_init(3)
+    _raises_at_trace(lambda x: dropnorm.batch_norm(params, state, x, train, epsilon=epsilon),
+                     X, ValueError, "`epsilon`", shown)
+
+
+def test_valid_edge_momentum_and_epsilon_do_not_raise():
+    params, state = dropnorm.batch_norm_init(3)
+    for momentum in (0.0, 1.0, None):
+        dropnorm.batch_norm(params, state, X * jnp.arange(4.0)[:, None], True, momentum=momentum)
+    dropnorm.batch_norm(params, state, X * jnp.arange(4.0)[:, None], True, epsilon=0.0)
+
+
+@pytest.mark.parametrize(("axis", "shown"), [(2, "2"), (-3, "-3"), ((0, 5), "(0, 5)"),
+                                             ((1, -1), "(1, -1)"), (1.0, "1.0"), ("c", "'c'")])
+@pytest.mark.parametrize("train", [True, False])
+def test_axis_out_of_range(axis, shown, train):
+    params, state = dropnorm.batch_norm_init(3)
+    _raises_at_trace(lambda x: dropnorm.batch_norm(params, state, x, train, axis=axis), X,
+                     ValueError, "`axis`", shown)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((1, 3), -1), ((1, 1, 3), -1), ((1, 3, 4), (1, 2))])
+def test_training_with_one_value_per_feature_says_the_batch_is_too_small(shape, axis):
+    fshape = tuple(shape[a] for a in ((axis,) if isinstance(axis, int) else axis))
+    params, state = dropnorm.batch_norm_init(fshape if len(fshape) > 1 else fshape[0])
+    x = jnp.ones(shape)
+    _raises_at_trace(lambda x: dropnorm.batch_norm(params, state, x, True, axis=axis), x,
+                     ValueError, "batch is too small", str(shape))
+    # Evaluation needs no batch statistics: the same input is fine there.
+    y, _ = dropnorm.batch_norm(params, state, x, False, axis=axis)
+    assert y.shape == shape
+
+
+def test_ghost_batches_of_one_value_are_too_small():
+    params, state = dropnorm.batch_norm_init(3)
+    _raises_at_trace(
+        lambda x: dropnorm.batch_norm(params, state, x, True, virtual_batch_size=1), X,
+        ValueError, "`virtual_batch_size`=1")
+    _raises_at_trace(
+        lambda x: dropnorm.batch_norm(params, state, x, True, virtual_batch_size=3), X,
+        ValueError, "`virtual_batch_size`=3", "batch of 4")
+
+
+@pytest.mark.parametrize(("x_shape", "mask_shape"), [((4, 5), (3,)), ((4, 3), (4, 2)),
+                                                    ((4, 3), (5, 3)), ((4, 3), (4, 3, 1)),
+                                                    ((4, 3), (2, 1))])
+def test_mask_that_does_not_broadcast(x_shape, mask_shape):
+    params, state = dropnorm.batch_norm_init(x_shape[-1])
+    mask = jnp.ones(mask_shape, bool)
+    _raises_at_trace(lambda x: dropnorm.batch_norm(params, state, x, True, mask=mask),
+                     jnp.ones(x_shape), ValueError, "`mask`", str(mask_shape), str(x_shape))
+
+
+def test_bad_batch_norm_init():
+    for n, shown in ((0, "0"), (-2, "-2"), (2.0, "2.0"), ("3", "'3'"), (True, "True")):
+        with pytest.raises(ValueError, match="`num_features`") as info:
+            dropnorm.batch_norm_init(n)
+        assert shown in str(info.value)
