@@ -237,6 +237,14 @@ def test_per_device_means_do_not_bias_variance():
     assert np.max(np.abs(np.asarray(naive) - var) / var) > 1e-2
 
 
+@jax.jit
+def prop_bn(state, x, mask):
+    # One compilation serves every hypothesis example (the shapes are fixed).
+    return jax.vmap(lambda x, m: dropnorm.batch_norm(None, state, x, True, mask=m, momentum=0.0,
+                                                     axis_name="d"),
+                    axis_name="d", out_axes=(0, None))(x, mask)
+
+
 @settings(max_examples=12, deadline=None)
 @given(counts=st.lists(st.integers(0, 3), min_size=N, max_size=N).filter(lambda c: sum(c) >= 2),
        offsets=st.lists(st.sampled_from([0.0, 1.0, -30.0, 500.0]), min_size=N, max_size=N),
@@ -248,9 +256,7 @@ def test_property_any_valid_counts_and_offsets_are_exact(counts, offsets, seed):
     x = x + np.asarray(offsets, np.float32)[:, None, None]
     mask = np.arange(3)[None, :, None] < np.asarray(counts)[:, None, None]
     _, state = dropnorm.batch_norm_init(2)
-    y, s = jax.vmap(lambda x, m: dropnorm.batch_norm(None, state, x, True, mask=m, momentum=0.0,
-                                                     axis_name="d"),
-                    axis_name="d", out_axes=(0, None))(x, mask)
+    y, s = prop_bn(state, x, mask)
     mean, var, y_ref = oracle(x.reshape(-1, 2), mask.reshape(-1, 1))
     # Values up to ~500 with a spread up to ~250: float32 sums of 24 such values are good to
     # a few ulps of 500 (~1e-4 absolute); variances (up to ~6e4) to 1e-5 relative.
@@ -264,8 +270,9 @@ def test_batch_renorm_passes_axis_name_through():
     state = state._replace(var=jnp.full((3,), 4.0))  # running stats far from the batch ones
     kw = dict(r_max=1.5, d_max=0.5)
     y0, s0 = dropnorm.batch_renorm(params, state, x, True, **kw)
-    y, s = jax.vmap(lambda xi: dropnorm.batch_renorm(params, state, xi, True, axis_name="b", **kw),
-                    axis_name="b", out_axes=(0, None))(x)
+    y, s = jax.jit(jax.vmap(
+        lambda xi: dropnorm.batch_renorm(params, state, xi, True, axis_name="b", **kw),
+        axis_name="b", out_axes=(0, None)))(x)
     close(y, y0)
     tree_close(s, s0)
 
@@ -299,7 +306,7 @@ def test_tuple_of_axis_names_nested_maps(outer):
                                                     axis_name=("dev", "ex")),
                      axis_name="ex")
     wrap = jax.vmap if outer == "vmap" else jax.pmap
-    y, s = wrap(inner, axis_name="dev")(x.reshape(N, 2, 3))
+    y, s = jax.jit(wrap(inner, axis_name="dev"))(x.reshape(N, 2, 3))
     (y0, s0), _ = reference(params, state, x, jnp.zeros_like(x))
     close(y.reshape(x.shape), y0)
     tree_close(jax.tree.map(lambda a: a[0, 0], s), s0)
@@ -337,7 +344,7 @@ def test_axis_index_groups_give_per_group_statistics(form, groups):
         y, s = jax.jit(shard_map(local, mesh=mesh1d(), in_specs=P("d"),
                                  out_specs=(P("d"), P("d"))))(x)
     else:
-        y, s = getattr(jax, form)(local, axis_name="d")(x.reshape(N, 2, 3))
+        y, s = jax.jit(getattr(jax, form)(local, axis_name="d"))(x.reshape(N, 2, 3))
         y, s = y.reshape(x.shape), jax.tree.map(lambda a: a[:, 0], s)
     close(y, y0)
     for d in range(N):
