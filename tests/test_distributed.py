@@ -573,3 +573,24 @@ def test_data_parallel_example_runs_and_learns(capsys):
     assert out["last_loss"] < 0.5 * out["first_loss"]
     # 60 steps reach ~95% on the 450 held-out digits (chance: 10%); 85% leaves margin.
     assert out["accuracy"] > 0.85
+
+
+# ----------------------------------------------------------------------------------------------
+# The Flax shell passes axis_name and virtual_batch_size through to the same core.
+
+
+@pytest.mark.parametrize("vbs", [None, 4], ids=["plain", "ghost-span-2"])
+def test_linen_batch_norm_under_shard_map_equals_single_device(vbs):
+    from dropnorm import linen as dnn
+
+    x = setup((16, 3))[2]
+    kw = dict(use_running_average=False, momentum=0.9, virtual_batch_size=vbs)
+    whole = dnn.BatchNorm(**kw)
+    variables = whole.init(jax.random.key(0), x)
+    y0, upd0 = whole.apply(variables, x, mutable=["batch_stats"])
+    sharded = dnn.BatchNorm(axis_name="d", **kw)
+    f = shard_map(lambda v, x: sharded.apply(v, x, mutable=["batch_stats"]), mesh=mesh1d(),
+                  in_specs=(P(), P("d")), out_specs=(P("d"), P()))
+    y, upd = jax.jit(f)(variables, x)
+    close(y, y0)
+    tree_close(upd, upd0)
