@@ -15,11 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
-
-import dropnorm
-from tests.helpers import (
+from helpers import (
     TOL,
     f64,
     feature_shape,
@@ -29,6 +25,10 @@ from tests.helpers import (
     ref_normalize,
     ref_running_update,
 )
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import dropnorm
 
 # Running statistics are float32, updated by one multiply-add from float32 batch statistics of
 # O(1-10) data: 1e-5 relative (~100 ulps) plus 1e-6 absolute for means near 0.

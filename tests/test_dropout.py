@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import binomial_bounds, primitive_names, quantised_keep, random_normal
 
 import dropnorm
-from tests.helpers import binomial_bounds, primitive_names, quantised_keep, random_normal
 
 KEY = jax.random.key(0)
 N = 200_000  # elements per statistical test: 6 sd of the drop fraction is <= 0.0067

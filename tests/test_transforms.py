@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import TraceCounter, f64, primitive_names, random_normal
 from jax.test_util import check_grads
 
 import dropnorm
-from tests.helpers import TraceCounter, f64, primitive_names, random_normal
 
 KEY = jax.random.key(0)
 SAME = dict(rtol=1e-6, atol=1e-6)  # one float32 computation under two transforms
