@@ -20,8 +20,8 @@ replicated result, so the new running statistics can leave ``shard_map`` with
 ``lax.all_gather``, which costs no communication.
 
 ``axis_index_groups`` is implemented here rather than passed to JAX, because JAX
-supports it in ``pmap`` only (``vmap`` raises ``NotImplementedError``, and
-``shard_map`` supports it in ``all_gather`` but not in ``psum``): after the one
+supports it in ``pmap`` only (``vmap`` collectives and ``psum`` under ``shard_map``
+raise ``NotImplementedError`` for it in JAX 0.10): after the one
 collective, each device gives weight 0 to the triples of devices outside its
 group. The same code therefore gives per-group statistics under ``shard_map``,
 ``pmap`` and ``vmap`` alike, and groups may have different sizes.
