@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ref_batch_norm_train
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
@@ -26,7 +27,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import dropnorm
-from tests.helpers import ref_batch_norm_train
 
 shard_map = jax.shard_map if hasattr(jax, "shard_map") else None
 if shard_map is None:  # pragma: no cover - older JAX
