@@ -1,0 +1,300 @@
+"""dropnorm against flax.linen and flax.nnx: time, fraction of the memory floor, residual bytes.
+
+Run from the repository root::
+
+    python benchmarks/bench.py            # the full grid (several minutes on 2 CPU cores)
+    python benchmarks/bench.py --quick    # small shapes and few repeats (under a minute)
+    python benchmarks/bench.py --json out.json
+
+What is timed (one jitted function per cell, inputs already on the device):
+
+* ``fwd``: the layer's forward pass in training mode (dropout at rate 0.1; batch norm
+  with batch statistics), output ``y``.
+* ``vjp``: forward and backward through ``jax.vjp`` with an explicit cotangent; returns
+  ``y`` and every input gradient (``dx``, and ``dscale``, ``dbias`` for batch norm).
+  This is the per-layer cost inside a training step.
+* ``loss``: ``jax.value_and_grad`` of ``sum(y**2)`` (in float32), the measure the issue
+  used; it adds a reduction of ``y`` to a scalar.
+
+Contenders run interleaved (one call of each per round) and every number is the median
+over rounds; the ratio to Flax is the median of the per-round ratios, which cancels most
+of the drift from other processes sharing the CPU. ``copy`` is ``x * 2``: its bandwidth
+(2 passes over ``x``) sets the memory floor, ``passes * x.nbytes / bandwidth``, with
+passes = 2 (dropout fwd), 4 (dropout vjp: read x, write y, read dy, write dx), 3 (batch
+norm fwd: statistics, read x, write y) and 8 (batch norm vjp). ``floor%`` is floor time
+over measured time (100% = at the floor).
+
+Residual bytes per element are the arrays the ``jax.vjp`` closure holds (what reverse mode
+keeps for the backward pass). The 12-layer figure is the compiled temp memory
+(``jit(...).lower(...).compile().memory_analysis()``) of a bf16 training step of
+Dense -> BatchNorm -> relu -> Dropout, 12 times, built from flax.linen modules, with
+dropnorm's linen shells swapped in for BatchNorm and Dropout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import dropnorm
+import dropnorm.linen as dl
+
+RATE = 0.1
+FULL_SHAPES = [(256, 56, 56, 64), (256, 14, 14, 1024), (4096, 4096), (100000, 32)]
+QUICK_SHAPES = [(32, 28, 28, 64), (20000, 32)]
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+FLOOR_PASSES = {("dropout", "fwd"): 2, ("dropout", "vjp"): 4,
+                ("batch_norm", "fwd"): 3, ("batch_norm", "vjp"): 8}
+
+
+# --- the layers, each as f(x, scale, bias) -> y with scale/bias ignored by dropout ----------
+
+def _dropout_layers(key) -> dict[str, Callable]:
+    linen = nn.Dropout(RATE, deterministic=False)
+
+    def ours(x, scale, bias):
+        return dropnorm.dropout(key, x, RATE, True)
+
+    def flax_linen(x, scale, bias):
+        return linen.apply({}, x, rngs={"dropout": key})
+
+    def flax_nnx(x, scale, bias):
+        # built inside the traced function, as nnx code under jax.jit sees it after merge
+        return nnx.Dropout(RATE, rngs=nnx.Rngs(dropout=key))(x, deterministic=False)
+
+    return {"dropnorm": ours, "flax.linen": flax_linen, "flax.nnx": flax_nnx}
+
+
+def _batch_norm_layers(features: int, dtype) -> dict[str, Callable]:
+    _, bn_state = dropnorm.batch_norm_init(features)
+    linen = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-5, dtype=dtype)
+    stats = {"mean": jnp.zeros(features), "var": jnp.ones(features)}
+
+    def ours(x, scale, bias):
+        return dropnorm.batch_norm(dropnorm.BatchNormParams(scale, bias), bn_state, x, True)[0]
+
+    def flax_linen(x, scale, bias):
+        return linen.apply({"params": {"scale": scale, "bias": bias}, "batch_stats": stats}, x,
+                           mutable=["batch_stats"])[0]
+
+    def flax_nnx(x, scale, bias):
+        m = nnx.BatchNorm(features, use_running_average=False, momentum=0.99, epsilon=1e-5,
+                          dtype=dtype, rngs=nnx.Rngs(0))
+        m.scale.value, m.bias.value = scale, bias
+        return m(x)
+
+    return {"dropnorm": ours, "flax.linen": flax_linen, "flax.nnx": flax_nnx}
+
+
+def _modes(layer: Callable, op: str) -> dict[str, Callable]:
+    def fwd(x, scale, bias, ct):
+        return layer(x, scale, bias)
+
+    def vjp(x, scale, bias, ct):
+        if op == "dropout":
+            y, back = jax.vjp(lambda x: layer(x, scale, bias), x)
+        else:
+            y, back = jax.vjp(layer, x, scale, bias)
+        return y, back(ct)
+
+    def loss(x, scale, bias, ct):
+        def f(*a):
+            return jnp.sum(jnp.square(layer(*a).astype(jnp.float32)))
+        return jax.value_and_grad(f, (0,) if op == "dropout" else (0, 1, 2))(x, scale, bias)
+
+    return {"fwd": fwd, "vjp": vjp, "loss": loss}
+
+
+def _copy(x, scale, bias, ct):
+    return x * 2
+
+
+# --- timing -----------------------------------------------------------------------------
+
+def _block(out):
+    jax.block_until_ready(out)
+
+
+def time_interleaved(fns: dict[str, Callable], args, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``repeats`` rounds, one call of each per round."""
+    compiled = {}
+    for name, f in fns.items():
+        c = jax.jit(f).lower(*args).compile()
+        _block(c(*args))  # warm up: allocations, thread pools
+        compiled[name] = c
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, c in compiled.items():
+            t0 = time.perf_counter()
+            _block(c(*args))
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def residual_bytes_per_element(fn: Callable, x, *rest) -> float:
+    _, back = jax.vjp(fn, x, *rest)
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(back)) / x.size
+
+
+# --- the 12-layer model -------------------------------------------------------------------
+
+class _Net(nn.Module):
+    bn: type
+    dropout: type
+    width: int
+    depth: int = 12
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for _ in range(self.depth):
+            x = nn.Dense(self.width, dtype=jnp.bfloat16)(x)
+            x = self.bn(use_running_average=not train, dtype=jnp.bfloat16)(x)
+            x = nn.relu(x)
+            x = self.dropout(RATE, deterministic=not train)(x)
+        return x
+
+
+def twelve_layer_temp_bytes(bn, dropout, batch: int, width: int) -> int:
+    net = _Net(bn, dropout, width)
+    x = jnp.ones((batch, width), jnp.bfloat16)
+    variables = net.init({"params": jax.random.key(0)}, x, False)
+
+    def step(params, stats, x, key):
+        def loss(p):
+            y, upd = net.apply({"params": p, "batch_stats": stats}, x, True,
+                               rngs={"dropout": key}, mutable=["batch_stats"])
+            return jnp.mean(jnp.square(y.astype(jnp.float32))), upd
+
+        (value, upd), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return value, grads, upd
+
+    compiled = jax.jit(step).lower(variables["params"], variables["batch_stats"], x,
+                                   jax.random.key(1)).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+# --- the run ------------------------------------------------------------------------------
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__,
+            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        keep = ("Model name", "CPU(s):", "Thread(s) per core", "L2 cache", "L3 cache", "Flags")
+        info["lscpu"] = {k.strip(): v.strip() for k, v in
+                         (line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+                         if k.strip().startswith(keep) and not k.strip().startswith("Flags")}
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+def run(shapes, repeats: int, ops, modes, layer_shape) -> dict:
+    rows = []
+    key = jax.random.key(0)
+    for shape in shapes:
+        for dname, dtype in DTYPES.items():
+            x = jax.random.normal(jax.random.key(1), shape, jnp.float32).astype(dtype)
+            ct = (jax.random.normal(jax.random.key(2), shape, jnp.float32) * 0.5).astype(dtype)
+            c = shape[-1]
+            scale, bias = jnp.full((c,), 1.5, jnp.float32), jnp.full((c,), 0.1, jnp.float32)
+            args = (x, scale, bias, ct)
+            copy_t = statistics.median(time_interleaved({"copy": _copy}, args, repeats)["copy"])
+            for op in ops:
+                layers = _dropout_layers(key) if op == "dropout" else _batch_norm_layers(c, dtype)
+                for mode in modes:
+                    fns = {name: _modes(layer, op)[mode] for name, layer in layers.items()}
+                    fns["copy"] = _copy
+                    times = time_interleaved(fns, args, repeats)
+                    copy_t = min(copy_t, statistics.median(times["copy"]))
+                    for name in layers:
+                        med = statistics.median(times[name])
+                        ratio_linen = statistics.median(
+                            a / b for a, b in zip(times["flax.linen"], times[name], strict=True))
+                        ratio_nnx = statistics.median(
+                            a / b for a, b in zip(times["flax.nnx"], times[name], strict=True))
+                        passes = FLOOR_PASSES.get((op, mode))
+                        floor = None if passes is None else passes / 2 * copy_t
+                        rows.append({
+                            "op": op, "mode": mode, "shape": list(shape), "dtype": dname,
+                            "impl": name, "ms": med * 1e3, "min_ms": min(times[name]) * 1e3,
+                            "linen_over_this": ratio_linen, "nnx_over_this": ratio_nnx,
+                            "floor_ms": None if floor is None else floor * 1e3,
+                            "floor_fraction": None if floor is None else floor / med,
+                        })
+                        print(f"{op:10s} {mode:4s} {str(shape):20s} {dname:4s} {name:10s} "
+                              f"{med * 1e3:9.3f} ms  linen/this {ratio_linen:5.2f}  "
+                              f"floor {'' if floor is None else f'{floor / med:6.1%}'}",
+                              flush=True)
+            rows.append({"op": "copy", "mode": "fwd", "shape": list(shape), "dtype": dname,
+                         "impl": "x*2", "ms": copy_t * 1e3,
+                         "GB_per_s": 2 * x.nbytes / copy_t / 1e9})
+    residuals = []
+    for dname, dtype in DTYPES.items():
+        x = jax.random.normal(key, layer_shape, jnp.float32).astype(dtype)
+        c = layer_shape[-1]
+        scale, bias = jnp.ones((c,)), jnp.zeros((c,))
+        for op in ops:
+            layers = _dropout_layers(key) if op == "dropout" else _batch_norm_layers(c, dtype)
+            for name, layer in layers.items():
+                if op == "dropout":
+                    b = residual_bytes_per_element(lambda x, f=layer: f(x, None, None), x)
+                else:
+                    b = residual_bytes_per_element(layer, x, scale, bias)
+                residuals.append({"op": op, "dtype": dname, "impl": name,
+                                  "bytes_per_element": b, "shape": list(layer_shape)})
+    return {"rows": rows, "residuals": residuals}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    parser.add_argument("--json", metavar="PATH", help="write every number to this file")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per cell")
+    parser.add_argument("--modes", default="fwd,vjp,loss", help="comma-separated subset")
+    parser.add_argument("--ops", default="dropout,batch_norm", help="comma-separated subset")
+    args = parser.parse_args(argv)
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    repeats = args.repeats or (3 if args.quick else 7)
+    ops, modes = args.ops.split(","), args.modes.split(",")
+    t0 = time.perf_counter()
+    info = machine()
+    print(json.dumps({k: v for k, v in info.items() if k != "lscpu"}))
+    result = run(shapes, repeats, ops, modes, layer_shape=(256, 64))
+    batch, width = (256, 128) if args.quick else (512, 256)
+    flax_t = twelve_layer_temp_bytes(nn.BatchNorm, nn.Dropout, batch, width)
+    ours_t = twelve_layer_temp_bytes(dl.BatchNorm, dl.Dropout, batch, width)
+    result["twelve_layer"] = {"batch": batch, "width": width, "flax_temp_bytes": flax_t,
+                              "dropnorm_temp_bytes": ours_t, "ratio": ours_t / flax_t}
+    print(f"12-layer bf16 step temp memory: dropnorm {ours_t / 2**20:.2f} MiB, "
+          f"flax {flax_t / 2**20:.2f} MiB, ratio {ours_t / flax_t:.3f}")
+    for r in result["residuals"]:
+        print(f"residual {r['op']:10s} {r['dtype']:4s} {r['impl']:10s} "
+              f"{r['bytes_per_element']:.3f} bytes/element")
+    result.update(machine=info, quick=args.quick, repeats=repeats, rate=RATE,
+                  seconds=time.perf_counter() - t0)
+    print(f"total {result['seconds']:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
