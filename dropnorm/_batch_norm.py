@@ -64,7 +64,8 @@ def batch_norm_init(num_features, *, use_scale: bool = True, use_bias: bool = Tr
         shape = tuple(int(n) for n in num_features)
     else:
         raise ValueError(
-            f"batch_norm_init: `num_features` must be an int or a tuple of ints; got {num_features!r}."
+            f"batch_norm_init: `num_features` must be an int or a tuple of ints; got "
+            f"{num_features!r}."
         )
     if any(n <= 0 for n in shape):
         raise ValueError(f"batch_norm_init: `num_features` must be positive; got {num_features!r}.")
@@ -94,11 +95,12 @@ def _layout(fn, params, state, x, axis) -> _Layout:
         named += [("params.scale", params.scale), ("params.bias", params.bias)]
     for name, value in named:
         if value is not None and tuple(jnp.shape(value)) != feature_shape:
+            init_arg = feature_shape[0] if len(feature_shape) == 1 else feature_shape
             raise ValueError(
                 f"{fn}: `x` has {math.prod(feature_shape)} features (shape {feature_shape} along "
                 f"axis {axis!r}, x.shape={tuple(x.shape)}) but `{name}` has shape "
                 f"{tuple(jnp.shape(value))} ({math.prod(jnp.shape(value))} features). Check "
-                f"`axis`, or create the state with batch_norm_init({feature_shape[0] if len(feature_shape) == 1 else feature_shape})."
+                f"`axis`, or create the state with batch_norm_init({init_arg})."
             )
     return _Layout(feature_axes, reduction_axes, feature_shape, stats_shape)
 
@@ -379,7 +381,7 @@ def batch_norm(params, state, x, train, *, axis=-1, momentum=0.99, epsilon=1e-5,
       >>> params, state = dropnorm.batch_norm_init(2)
       >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
       >>> y, state = dropnorm.batch_norm(params, state, x, train=True)
-      >>> y.round(3).tolist(), state.mean.round(3).tolist(), int(state.count)
+      >>> y.round(3).tolist(), [round(m, 3) for m in state.mean.tolist()], int(state.count)
       ([[-1.0, -1.0], [1.0, 1.0]], [0.02, 0.2], 1)
 
     References:
@@ -472,7 +474,8 @@ def fold_batch_norm(kernel, bias, params, state, *, epsilon=1e-5):
             f"this layer and normalise its {out} outputs."
         )
     if bias is not None and tuple(jnp.shape(bias)) != (out,):
-        raise ValueError(f"fold_batch_norm: `bias` must have shape ({out},); got {jnp.shape(bias)}.")
+        raise ValueError(
+            f"fold_batch_norm: `bias` must have shape ({out},); got {jnp.shape(bias)}.")
     dt = stats_dtype(kernel.dtype)
     a = lax.rsqrt(state.var.astype(dt) + epsilon)
     if params is not None and params.scale is not None:
