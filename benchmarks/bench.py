@@ -63,16 +63,16 @@ FLOOR_PASSES = {("dropout", "fwd"): 2, ("dropout", "vjp"): 4,
 
 # --- the layers, each as f(x, scale, bias) -> y with scale/bias ignored by dropout ----------
 
-def _dropout_layers(key) -> dict[str, Callable]:
+def _dropout_layers() -> dict[str, Callable]:
     linen = nn.Dropout(RATE, deterministic=False)
 
-    def ours(x, scale, bias):
+    def ours(x, scale, bias, key):
         return dropnorm.dropout(key, x, RATE, True)
 
-    def flax_linen(x, scale, bias):
+    def flax_linen(x, scale, bias, key):
         return linen.apply({}, x, rngs={"dropout": key})
 
-    def flax_nnx(x, scale, bias):
+    def flax_nnx(x, scale, bias, key):
         # built inside the traced function, as nnx code under jax.jit sees it after merge
         return nnx.Dropout(RATE, rngs=nnx.Rngs(dropout=key))(x, deterministic=False)
 
@@ -84,14 +84,14 @@ def _batch_norm_layers(features: int, dtype) -> dict[str, Callable]:
     linen = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-5, dtype=dtype)
     stats = {"mean": jnp.zeros(features), "var": jnp.ones(features)}
 
-    def ours(x, scale, bias):
+    def ours(x, scale, bias, key):
         return dropnorm.batch_norm(dropnorm.BatchNormParams(scale, bias), bn_state, x, True)[0]
 
-    def flax_linen(x, scale, bias):
+    def flax_linen(x, scale, bias, key):
         return linen.apply({"params": {"scale": scale, "bias": bias}, "batch_stats": stats}, x,
                            mutable=["batch_stats"])[0]
 
-    def flax_nnx(x, scale, bias):
+    def flax_nnx(x, scale, bias, key):
         m = nnx.BatchNorm(features, use_running_average=False, momentum=0.99, epsilon=1e-5,
                           dtype=dtype, rngs=nnx.Rngs(0))
         m.scale.value, m.bias.value = scale, bias
@@ -101,25 +101,27 @@ def _batch_norm_layers(features: int, dtype) -> dict[str, Callable]:
 
 
 def _modes(layer: Callable, op: str) -> dict[str, Callable]:
-    def fwd(x, scale, bias, ct):
-        return layer(x, scale, bias)
+    # The key is an argument of the jitted function: a key closed over as a constant would let
+    # XLA fold the whole random mask into the executable at compile time.
+    def fwd(x, scale, bias, ct, key):
+        return layer(x, scale, bias, key)
 
-    def vjp(x, scale, bias, ct):
+    def vjp(x, scale, bias, ct, key):
         if op == "dropout":
-            y, back = jax.vjp(lambda x: layer(x, scale, bias), x)
+            y, back = jax.vjp(lambda x: layer(x, scale, bias, key), x)
         else:
-            y, back = jax.vjp(layer, x, scale, bias)
+            y, back = jax.vjp(lambda *a: layer(*a, key), x, scale, bias)
         return y, back(ct)
 
-    def loss(x, scale, bias, ct):
+    def loss(x, scale, bias, ct, key):
         def f(*a):
-            return jnp.sum(jnp.square(layer(*a).astype(jnp.float32)))
+            return jnp.sum(jnp.square(layer(*a, key).astype(jnp.float32)))
         return jax.value_and_grad(f, (0,) if op == "dropout" else (0, 1, 2))(x, scale, bias)
 
     return {"fwd": fwd, "vjp": vjp, "loss": loss}
 
 
-def _copy(x, scale, bias, ct):
+def _copy(x, scale, bias, ct, key):
     return x * 2
 
 
@@ -214,10 +216,10 @@ def run(shapes, repeats: int, ops, modes, layer_shape) -> dict:
             ct = (jax.random.normal(jax.random.key(2), shape, jnp.float32) * 0.5).astype(dtype)
             c = shape[-1]
             scale, bias = jnp.full((c,), 1.5, jnp.float32), jnp.full((c,), 0.1, jnp.float32)
-            args = (x, scale, bias, ct)
+            args = (x, scale, bias, ct, jax.random.key(3))
             copy_t = statistics.median(time_interleaved({"copy": _copy}, args, repeats)["copy"])
             for op in ops:
-                layers = _dropout_layers(key) if op == "dropout" else _batch_norm_layers(c, dtype)
+                layers = _dropout_layers() if op == "dropout" else _batch_norm_layers(c, dtype)
                 for mode in modes:
                     fns = {name: _modes(layer, op)[mode] for name, layer in layers.items()}
                     fns["copy"] = _copy
@@ -251,12 +253,13 @@ def run(shapes, repeats: int, ops, modes, layer_shape) -> dict:
         c = layer_shape[-1]
         scale, bias = jnp.ones((c,)), jnp.zeros((c,))
         for op in ops:
-            layers = _dropout_layers(key) if op == "dropout" else _batch_norm_layers(c, dtype)
+            layers = _dropout_layers() if op == "dropout" else _batch_norm_layers(c, dtype)
             for name, layer in layers.items():
                 if op == "dropout":
-                    b = residual_bytes_per_element(lambda x, f=layer: f(x, None, None), x)
+                    b = residual_bytes_per_element(lambda x, f=layer: f(x, None, None, key), x)
                 else:
-                    b = residual_bytes_per_element(layer, x, scale, bias)
+                    b = residual_bytes_per_element(lambda *a, f=layer: f(*a, key), x, scale,
+                                                   bias)
                 residuals.append({"op": op, "dtype": dname, "impl": name,
                                   "bytes_per_element": b, "shape": list(layer_shape)})
     return {"rows": rows, "residuals": residuals}
