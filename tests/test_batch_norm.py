@@ -387,3 +387,13 @@ def test_init_shapes_and_dtypes():
     assert p.scale is None and p.bias is not None
     # NamedTuple pytrees: three leaves in the state, None scale is no leaf.
     assert len(jax.tree.leaves(state)) == 3 and len(jax.tree.leaves(p)) == 1
+
+
+def test_train_may_be_passed_by_keyword():
+    x = random_normal((8, 3), seed=90, loc=1.0)
+    params, state = dropnorm.batch_norm_init(3)
+    for train in (True, False):
+        y_k, s_k = dropnorm.batch_norm(params, state, x, train=train)
+        y_p, s_p = dropnorm.batch_norm(params, state, x, train)
+        np.testing.assert_array_equal(np.asarray(y_k), np.asarray(y_p))
+        assert int(s_k.count) == int(s_p.count) == int(train)
