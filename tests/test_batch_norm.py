@@ -173,6 +173,44 @@ def test_variance_relative_error_at_mean_1e4_times_std_and_naive_formula_fails()
     assert (np.abs(f64(naive3) - ref3) / ref3).max() > 1e-2
 
 
+@pytest.mark.parametrize("path", ["mask", "ghost", "traced_train", "nchw", "custom_jvp_grad"])
+def test_variance_accuracy_at_mean_1e4_times_std_on_every_path(path):
+    # The same requirement (relative variance error <= 1e-4 at mean = 1e4 std, float32) on the
+    # other code paths: masked statistics, ghost batches, a traced train flag, axis=1, and the
+    # training path under jax.grad (the hand-written derivative rule's primal).
+    rng = np.random.default_rng(14)
+    std = rng.uniform(0.5, 2.0, 4)
+    x = (1e4 * std + std * rng.standard_normal((512, 4))).astype(np.float32)
+    params, state = dropnorm.batch_norm_init(4)
+    kw = dict(momentum=0.0)
+    rows = np.arange(512)
+    if path == "mask":
+        keep = rows % 3 != 0
+        kw["mask"] = jnp.asarray(keep)[:, None]
+        ref = x[keep].astype(np.float64).var(0)
+        x = np.where(keep[:, None], x, np.float32(-7e4))  # padding far from the data
+    elif path == "ghost":
+        kw["virtual_batch_size"] = 128
+        ref = np.mean([x[i:i + 128].astype(np.float64).var(0) for i in range(0, 512, 128)], 0)
+    else:
+        ref = x.astype(np.float64).var(0)
+    xj = jnp.asarray(x)
+    if path == "traced_train":
+        _, new = jax.jit(lambda x, t: dropnorm.batch_norm(params, state, x, t, **kw))(xj, True)
+    elif path == "nchw":
+        xt = jnp.asarray(x.reshape(8, 64, 4).transpose(0, 2, 1))  # (N, C, L), features on axis 1
+        _, new = dropnorm.batch_norm(params, state, xt, True, axis=1, **kw)
+    elif path == "custom_jvp_grad":
+        def loss(x):
+            y, new = dropnorm.batch_norm(params, state, x, True, **kw)
+            return jnp.sum(y[:, 0]), new
+        (_, new), _ = jax.value_and_grad(loss, has_aux=True)(xj)
+    else:
+        _, new = dropnorm.batch_norm(params, state, xj, True, **kw)
+    rel = np.abs(f64(new.var) - ref) / ref
+    assert rel.max() <= 1e-4, rel.max()
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 2**16), st.floats(-1e6, 1e6), st.sampled_from([1e-3, 1e-1, 1.0]),
        st.sampled_from([jnp.bfloat16, jnp.float16, jnp.float32]))
