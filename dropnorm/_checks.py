@@ -43,7 +43,9 @@ def check_rate(rate: Any, fn: str, name: str = "rate") -> float | jax.Array:
                 f"{jnp.shape(rate)} and dtype {rate.dtype}."
             )
         return jnp.asarray(rate, jnp.float32)
-    if isinstance(rate, (bool, str, bytes)) or np.ndim(rate) != 0:
+    if isinstance(rate, (bool, str, bytes)) or np.ndim(rate) != 0 or (
+        np.asarray(rate).dtype.kind in "bc"  # booleans and complex numbers are no rates
+    ):
         raise ValueError(
             f"{fn}: `{name}` must be a real number in [0, 1] (the probability of dropping an "
             f"element); got {_describe(rate)}."

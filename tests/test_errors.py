@@ -50,7 +50,8 @@ def test_rate_out_of_range_or_nan(fn, rate, shown, train):
     _raises_at_trace(lambda x: fn(KEY, x, rate, train), X, ValueError, "`rate`", shown)
 
 
-@pytest.mark.parametrize("rate", ["0.5", None, [0.5], jnp.array([0.1, 0.2]), True])
+@pytest.mark.parametrize("rate", ["0.5", None, [0.5], jnp.array([0.1, 0.2]), True, np.True_,
+                                  jnp.asarray(True), 0.5 + 0j, np.complex64(0.5)])
 def test_rate_of_the_wrong_kind(rate):
     _raises_at_trace(lambda x: dropnorm.dropout(KEY, x, rate, True), X, ValueError, "`rate`")
 
