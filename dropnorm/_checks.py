@@ -136,15 +136,29 @@ def normalize_axes(axis: Any, ndim: int, fn: str, name: str = "axis") -> tuple[i
     return tuple(sorted(out))
 
 
+def _real_scalar(value: Any) -> float:
+    """``value`` as a Python float if it is a real number (int or float scalar), else NaN.
+
+    Strings, booleans, complex numbers and arrays of more than one dimension are not
+    accepted as numbers (``float("0.9")`` or ``float(True)`` would silently succeed).
+    """
+    if isinstance(value, (bool, str, bytes)) or np.ndim(value) != 0:
+        return math.nan
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError):
+        return math.nan
+    if arr.dtype.kind not in "iuf":
+        return math.nan
+    return float(arr)
+
+
 def check_momentum(momentum: Any, fn: str, allow_none: bool = False) -> float | jax.Array | None:
     if momentum is None and allow_none:
         return None
     if is_traced(momentum):
         return momentum
-    try:
-        value = float(momentum)
-    except (TypeError, ValueError):
-        value = math.nan
+    value = _real_scalar(momentum)
     if not (0.0 <= value <= 1.0):
         extra = " or None (cumulative average, PyTorch's momentum=None)" if allow_none else ""
         raise ValueError(
@@ -158,10 +172,7 @@ def check_momentum(momentum: Any, fn: str, allow_none: bool = False) -> float | 
 def check_epsilon(epsilon: Any, fn: str) -> float | jax.Array:
     if is_traced(epsilon):
         return epsilon
-    try:
-        value = float(epsilon)
-    except (TypeError, ValueError):
-        value = math.nan
+    value = _real_scalar(epsilon)
     if not value >= 0.0:
         raise ValueError(
             f"{fn}: `epsilon` must be a non-negative number added to the variance; got "

@@ -152,7 +152,9 @@ def test_feature_count_mismatch_names_both_numbers(train):
 
 
 @pytest.mark.parametrize(("momentum", "shown"), [(-0.1, "-0.1"), (1.5, "1.5"),
-                                                 (float("nan"), "nan"), ("high", "'high'")])
+                                                 (float("nan"), "nan"), ("high", "'high'"),
+                                                 ("0.9", "'0.9'"), (True, "True"),
+                                                 (0.9 + 0j, "0.9"), ([0.9], "[0.9]")])
 @pytest.mark.parametrize("train", [True, False])
 def test_momentum_outside_unit_interval(momentum, shown, train):
     params, state = dropnorm.batch_norm_init(3)
@@ -161,7 +163,8 @@ def test_momentum_outside_unit_interval(momentum, shown, train):
 
 
 @pytest.mark.parametrize(("epsilon", "shown"), [(-1e-5, "-1e-05"), (float("nan"), "nan"),
-                                                (-math.inf, "-inf")])
+                                                (-math.inf, "-inf"), ("1e-5", "'1e-5'"),
+                                                (None, "None"), (True, "True")])
 @pytest.mark.parametrize("train", [True, False])
 def test_negative_epsilon(epsilon, shown, train):
     params, state = dropnorm.batch_norm_init(3)
@@ -171,9 +174,10 @@ def test_negative_epsilon(epsilon, shown, train):
 
 def test_valid_edge_momentum_and_epsilon_do_not_raise():
     params, state = dropnorm.batch_norm_init(3)
-    for momentum in (0.0, 1.0, None):
+    for momentum in (0.0, 1.0, None, 1, np.float32(0.9), jnp.asarray(0.9)):
         dropnorm.batch_norm(params, state, X * jnp.arange(4.0)[:, None], True, momentum=momentum)
-    dropnorm.batch_norm(params, state, X * jnp.arange(4.0)[:, None], True, epsilon=0.0)
+    for epsilon in (0.0, 0, 1e-3, np.float32(1e-5), jnp.asarray(1e-5)):
+        dropnorm.batch_norm(params, state, X * jnp.arange(4.0)[:, None], True, epsilon=epsilon)
 
 
 @pytest.mark.parametrize(("axis", "shown"), [(2, "2"), (-3, "-3"), ((0, 5), "(0, 5)"),
