@@ -128,7 +128,7 @@ def _random_map(fn, kind, key, x, rate, train, broadcast_dims, mask_bits):
     train = _checks.check_train(train, fn)
     if mask_bits not in _masks.MASK_BITS:
         raise ValueError(f"{fn}: `mask_bits` must be one of {_masks.MASK_BITS}; got {mask_bits!r}.")
-    bdims = _checks.normalize_axes(tuple(broadcast_dims), x.ndim, fn, "broadcast_dims")
+    bdims = _checks.normalize_axes(broadcast_dims, x.ndim, fn, "broadcast_dims")
     if train is False or (isinstance(rate, float) and rate == 0.0):
         return x
     key = _checks.check_key(key, fn)

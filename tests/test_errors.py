@@ -121,7 +121,8 @@ def test_integer_x():
 
 
 @pytest.mark.parametrize(("bdims", "shown"), [((2,), "(2,)"), ((-3,), "(-3,)"),
-                                              ((0, 0), "(0, 0)")])
+                                              ((0, 0), "(0, 0)"), (None, "None"), (2, "2"),
+                                              ((0.5,), "(0.5,)"), ("01", "'01'")])
 def test_bad_broadcast_dims(bdims, shown):
     _raises_at_trace(lambda x: dropnorm.dropout(KEY, x, 0.5, True, broadcast_dims=bdims), X,
                      ValueError, "`broadcast_dims`", shown)
@@ -226,3 +227,11 @@ def test_bad_batch_norm_init():
         with pytest.raises(ValueError, match="`num_features`") as info:
             dropnorm.batch_norm_init(n)
         assert shown in str(info.value)
+
+
+def test_broadcast_dims_may_be_an_int_or_a_list():
+    x = jnp.ones((4, 6))
+    want = np.asarray(dropnorm.dropout(KEY, x, 0.5, True, broadcast_dims=(1,)))
+    for bdims in (1, [1], -1, (-1,)):
+        np.testing.assert_array_equal(
+            np.asarray(dropnorm.dropout(KEY, x, 0.5, True, broadcast_dims=bdims)), want)
