@@ -435,3 +435,21 @@ def test_train_may_be_passed_by_keyword():
         y_p, s_p = dropnorm.batch_norm(params, state, x, train)
         np.testing.assert_array_equal(np.asarray(y_k), np.asarray(y_p))
         assert int(s_k.count) == int(s_p.count) == int(train)
+
+
+def test_ghost_batches_with_a_mask_equal_per_chunk_masked_normalisation():
+    x = random_normal((8, 5, 3), seed=91, loc=-2.0, scale=2.0)
+    mask = np.random.default_rng(92).random((8, 5, 1)) > 0.4
+    params = _random_params((3,), 93)
+    state = _random_state((3,), 94)
+    y, new = dropnorm.batch_norm(params, state, x, True, mask=jnp.asarray(mask), momentum=0.5,
+                                 virtual_batch_size=4)
+    refs = [ref_batch_norm_train(x[i:i + 4], -1, params.scale, params.bias, mask=mask[i:i + 4])
+            for i in (0, 4)]
+    np.testing.assert_allclose(f64(y), np.concatenate([r[0] for r in refs]), rtol=1e-5,
+                               atol=1e-5)  # float32 (see TOL)
+    want_mean, want_var = ref_running_update(state.mean, state.var,
+                                             np.mean([r[1] for r in refs], 0),
+                                             np.mean([r[2] for r in refs], 0), 0.5)
+    np.testing.assert_allclose(f64(new.mean), want_mean, **STATE_TOL)
+    np.testing.assert_allclose(f64(new.var), want_var, **STATE_TOL)
