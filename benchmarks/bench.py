@@ -5,6 +5,7 @@ Run from the repository root::
     python benchmarks/bench.py            # the full grid (several minutes on 2 CPU cores)
     python benchmarks/bench.py --quick    # small shapes and few repeats (under a minute)
     python benchmarks/bench.py --json out.json
+    python benchmarks/bench.py --markdown out.json   # the tables of BENCHMARKS.md
 
 What is timed (one jitted function per cell, inputs already on the device):
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -52,11 +54,13 @@ from flax import nnx
 
 import dropnorm
 import dropnorm.linen as dl
+from dropnorm import _masks
 
 RATE = 0.1
 FULL_SHAPES = [(256, 56, 56, 64), (256, 14, 14, 1024), (4096, 4096), (100000, 32)]
 QUICK_SHAPES = [(32, 28, 28, 64), (20000, 32)]
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+MAIN = ("dropnorm", "flax.linen", "flax.nnx")
 FLOOR_PASSES = {("dropout", "fwd"): 2, ("dropout", "vjp"): 4,
                 ("batch_norm", "fwd"): 3, ("batch_norm", "vjp"): 8}
 
@@ -76,7 +80,73 @@ def _dropout_layers() -> dict[str, Callable]:
         # built inside the traced function, as nnx code under jax.jit sees it after merge
         return nnx.Dropout(RATE, rngs=nnx.Rngs(dropout=key))(x, deterministic=False)
 
-    return {"dropnorm": ours, "flax.linen": flax_linen, "flax.nnx": flax_nnx}
+    return {"dropnorm": ours, "flax.linen": flax_linen, "flax.nnx": flax_nnx,
+            "packed bits": _dropout_packed, "bool mask": _dropout_bool}
+
+
+# The two other memory policies for dropout's backward pass, for comparison with dropnorm's
+# (regenerate the mask from the key: 0 bytes per element). Same masks, same forward values.
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _mask(key, shape):
+    return _masks.keep_mask(key, shape, _masks.keep_threshold(RATE, 8), 8)
+
+
+def _apply_mask(x, keep):
+    k = _masks.keep_threshold(RATE, 8)
+    scale = jnp.asarray(_masks.inverse_keep(k, 8), jnp.promote_types(x.dtype, jnp.float32))
+    return jnp.where(keep, x * scale, 0).astype(x.dtype)
+
+
+def pack_bits(keep):
+    """A bool mask packed 8 elements to a byte (uint8, ``ceil(size / 8)``)."""
+    flat = keep.reshape(-1)
+    if flat.size % 8:
+        flat = jnp.concatenate([flat, jnp.zeros((-flat.size % 8,), bool)])
+    bits = flat.reshape(-1, 8).astype(jnp.uint8) * jnp.asarray(_BIT_WEIGHTS, jnp.uint8)
+    return jnp.sum(bits, axis=1, dtype=jnp.uint8)
+
+
+def unpack_bits(packed, shape):
+    bits = (packed[:, None] & jnp.asarray(_BIT_WEIGHTS, jnp.uint8)) != 0
+    return bits.reshape(-1)[: math.prod(shape)].reshape(shape)
+
+
+@jax.custom_jvp
+def _packed(x, key):
+    return dropnorm.dropout(key, x, RATE, True)
+
+
+@_packed.defjvp
+def _packed_jvp(primals, tangents):
+    x, key = primals
+    keep = _mask(key, x.shape)
+    # tangent from the packed mask under jax.checkpoint: reverse mode keeps 1 bit per element
+    t = jax.checkpoint(lambda t, p: _apply_mask(t, unpack_bits(p, t.shape)))(
+        tangents[0], pack_bits(keep))
+    return _apply_mask(x, keep), t
+
+
+@jax.custom_jvp
+def _bool(x, key):
+    return dropnorm.dropout(key, x, RATE, True)
+
+
+@_bool.defjvp
+def _bool_jvp(primals, tangents):
+    x, key = primals
+    keep = _mask(key, x.shape)
+    # tangent from the bool mask under jax.checkpoint: reverse mode keeps 1 byte per element
+    return _apply_mask(x, keep), jax.checkpoint(_apply_mask)(tangents[0], keep)
+
+
+def _dropout_packed(x, scale, bias, key):
+    return _packed(x, key)
+
+
+def _dropout_bool(x, scale, bias, key):
+    return _bool(x, key)
 
 
 def _batch_norm_layers(features: int, dtype) -> dict[str, Callable]:
@@ -221,11 +291,12 @@ def run(shapes, repeats: int, ops, modes, layer_shape) -> dict:
             for op in ops:
                 layers = _dropout_layers() if op == "dropout" else _batch_norm_layers(c, dtype)
                 for mode in modes:
-                    fns = {name: _modes(layer, op)[mode] for name, layer in layers.items()}
+                    fns = {name: _modes(layer, op)[mode] for name, layer in layers.items()
+                           if mode != "fwd" or name in MAIN}
                     fns["copy"] = _copy
                     times = time_interleaved(fns, args, repeats)
                     copy_t = min(copy_t, statistics.median(times["copy"]))
-                    for name in layers:
+                    for name in (n for n in layers if n in fns):
                         med = statistics.median(times[name])
                         ratio_linen = statistics.median(
                             a / b for a, b in zip(times["flax.linen"], times[name], strict=True))
@@ -265,6 +336,79 @@ def run(shapes, repeats: int, ops, modes, layer_shape) -> dict:
     return {"rows": rows, "residuals": residuals}
 
 
+def markdown(result: dict) -> str:
+    """The tables of BENCHMARKS.md from a ``--json`` result."""
+    out = []
+    rows = result["rows"]
+    for op in ("dropout", "batch_norm"):
+        cells = {(tuple(r["shape"]), r["dtype"], r["mode"], r["impl"]): r
+                 for r in rows if r["op"] == op}
+        if not cells:
+            continue
+        out += [f"### {op}" + (f" (rate {result['rate']})" if op == "dropout" else " (train)"),
+                "",
+                "| shape | dtype | mode | dropnorm ms | flax.linen ms | flax.nnx ms "
+                "| linen / dropnorm | nnx / dropnorm | floor % dropnorm | floor % linen |",
+                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        keys = sorted({k[:3] for k in cells}, key=lambda k: (
+            [tuple(r["shape"]) for r in rows].index(k[0]), k[1] != "f32",
+            ["fwd", "vjp", "loss"].index(k[2])))
+        for shape, dtype, mode in keys:
+            ours = cells[(shape, dtype, mode, "dropnorm")]
+            lin = cells[(shape, dtype, mode, "flax.linen")]
+            nx = cells[(shape, dtype, mode, "flax.nnx")]
+
+            def pct(r):
+                return "" if r["floor_fraction"] is None else f"{100 * r['floor_fraction']:.0f}"
+
+            out.append(f"| {shape} | {dtype} | {mode} | {ours['ms']:.2f} | {lin['ms']:.2f} "
+                       f"| {nx['ms']:.2f} | **{ours['linen_over_this']:.2f}** "
+                       f"| {ours['nnx_over_this']:.2f} | {pct(ours)} | {pct(lin)} |")
+        out.append("")
+    pol = {(tuple(r["shape"]), r["dtype"], r["mode"], r["impl"]): r
+           for r in rows if r["op"] == "dropout" and r["mode"] != "fwd"}
+    if any(k[3] == "packed bits" for k in pol):
+        out += ["### dropout backward-pass memory policy (ms; same masks)", "",
+                "| shape | dtype | mode | regenerate from the key (dropnorm) | packed bits "
+                "| bool mask | packed / regenerate | bool / regenerate |",
+                "|---|---|---|---:|---:|---:|---:|---:|"]
+        for shape, dtype, mode in sorted({k[:3] for k in pol}, key=lambda k: (
+                [tuple(r["shape"]) for r in rows].index(k[0]), k[1] != "f32", k[2] != "vjp")):
+            g, p, b = (pol[(shape, dtype, mode, n)] for n in ("dropnorm", "packed bits",
+                                                               "bool mask"))
+            out.append(f"| {shape} | {dtype} | {mode} | {p['ms']:.2f} | {g['ms']:.2f} "
+                       f"| {b['ms']:.2f} | {g['linen_over_this'] / p['linen_over_this']:.2f} "
+                       f"| {g['linen_over_this'] / b['linen_over_this']:.2f} |")
+        out.append("")
+    copies = [r for r in rows if r["op"] == "copy"]
+    if copies:
+        out += ["### copy `x * 2` (the bandwidth reference)", "",
+                "| shape | dtype | ms | GB/s |", "|---|---|---:|---:|"]
+        out += [f"| {tuple(r['shape'])} | {r['dtype']} | {r['ms']:.2f} | {r['GB_per_s']:.1f} |"
+                for r in copies]
+        out.append("")
+    if result.get("residuals"):
+        out += ["### bytes kept for the backward pass, per element", "",
+                "| op | dtype | dropnorm | flax.linen | flax.nnx | packed bits | bool mask |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        res = {(r["op"], r["dtype"], r["impl"]): r["bytes_per_element"]
+               for r in result["residuals"]}
+        for op, dtype in sorted({k[:2] for k in res}, key=lambda k: (k[0] != "dropout", k[1])):
+            out.append(f"| {op} | {dtype} | {res[(op, dtype, 'dropnorm')]:.3f} "
+                       f"| {res[(op, dtype, 'flax.linen')]:.3f} "
+                       f"| {res[(op, dtype, 'flax.nnx')]:.3f} "
+                       f"| {res.get((op, dtype, 'packed bits'), float('nan')):.3f} "
+                       f"| {res.get((op, dtype, 'bool mask'), float('nan')):.3f} |")
+        out.append("")
+    t = result.get("twelve_layer")
+    if t:
+        out += ["### 12-layer bf16 training step, compiled temp memory", "",
+                f"Batch {t['batch']}, width {t['width']}: dropnorm "
+                f"{t['dropnorm_temp_bytes'] / 2**20:.2f} MiB, flax.linen "
+                f"{t['flax_temp_bytes'] / 2**20:.2f} MiB, ratio **{t['ratio']:.3f}**.", ""]
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
@@ -272,7 +416,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="rounds per cell")
     parser.add_argument("--modes", default="fwd,vjp,loss", help="comma-separated subset")
     parser.add_argument("--ops", default="dropout,batch_norm", help="comma-separated subset")
+    parser.add_argument("--markdown", metavar="JSON",
+                        help="print the BENCHMARKS.md tables of an earlier --json run and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return 0
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     repeats = args.repeats or (3 if args.quick else 7)
     ops, modes = args.ops.split(","), args.modes.split(",")

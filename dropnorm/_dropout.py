@@ -47,16 +47,11 @@ def _noise(key, rate, static: _Static, dtype=jnp.float32):
             return 1.0 + math.sqrt(r / (1.0 - r)) * z, None
         sigma = jnp.sqrt(r / jnp.maximum(1.0 - r, 1e-30))
         return jnp.where(r < 1.0, 1.0 + sigma * z, 0.0), None
-    keep, value, c = _keep_noise(key, r, static, dtype)
-    return jnp.where(keep, value, jnp.zeros((), value.dtype)), c
-
-
-def _keep_noise(key, r, static: _Static, dtype):
-    """Dropout and alpha dropout: ``m = where(keep, value, 0)``; returns ``(keep, value, c)``."""
     k = _masks.keep_threshold(r, static.bits)
     keep = _masks.keep_mask(key, static.mask_shape, k, static.bits)
     if static.kind == "dropout":
-        return keep, jnp.asarray(_masks.inverse_keep(k, static.bits), dtype), None
+        inv = jnp.asarray(_masks.inverse_keep(k, static.bits), dtype)
+        return jnp.where(keep, inv, jnp.zeros((), dtype)), None
     # Alpha dropout: dropped units are set to SELU's negative saturation alpha', then an
     # affine map a * (.) + b restores zero mean and unit variance.
     q = (k / 2**static.bits) if isinstance(k, int) else k / jnp.float32(2**static.bits)
@@ -66,21 +61,16 @@ def _keep_noise(key, r, static: _Static, dtype):
         var = jnp.maximum(q + _ALPHA_PRIME**2 * q * (1.0 - q), 1e-30)
         a = jnp.where(q > 0, lax.rsqrt(var), 0.0)
     b = -a * _ALPHA_PRIME * (1.0 - q)
+    m = jnp.where(keep, jnp.float32(a), 0.0)
     c = jnp.where(keep, jnp.float32(b), jnp.float32(a * _ALPHA_PRIME + b))
-    return keep, jnp.asarray(a, jnp.float32), c
+    return m, c
 
 
 def _apply(x, key, rate, static: _Static, with_offset: bool):
     cdt = jnp.promote_types(x.dtype, jnp.float32)
     m, c = _noise(key, rate, static, cdt)
-    return _combine(x, m, c if with_offset else None, rate, static)
-
-
-def _combine(x, m, c, rate, static: _Static):
-    """``y = x * m + c`` in the compute dtype, NaN for an invalid traced rate, cast back."""
-    cdt = jnp.promote_types(x.dtype, jnp.float32)
     y = x.astype(cdt) * m.astype(cdt)
-    if c is not None:
+    if with_offset and c is not None:
         y = y + c.astype(cdt)
     if static.rate is None:
         # A traced rate cannot raise: an invalid one (NaN, < 0, > 1) poisons the output.
@@ -96,29 +86,13 @@ def _noisy(x, key, rate, static):
 @_noisy.defjvp
 def _noisy_jvp(static, primals, tangents):
     x, key, rate = primals
-    if static.kind == "gaussian":
-        y = _noisy(x, key, rate, static)
-        # The tangent is linear in t; under jax.checkpoint reverse mode saves (key, rate) and
-        # regenerates the multiplier, instead of keeping 32-bit noise alive until the backward.
-        tangent = jax.checkpoint(_apply, static_argnums=(3, 4))(
-            tangents[0], key, rate, static, False)
-        return y, tangent
-    # Dropout and alpha dropout: m = where(keep, value, 0). Reverse mode keeps the mask packed
-    # 8 elements to a byte (1 bit per element), which on CPU is faster than regenerating it from
-    # the key in the backward pass and 8 times smaller than a bool mask (BENCHMARKS.md).
-    cdt = jnp.promote_types(x.dtype, jnp.float32)
-    r = static.rate if static.rate is not None else rate
-    keep, value, c = _keep_noise(key, r, static, cdt)
-    y = _combine(x, jnp.where(keep, value, jnp.zeros((), value.dtype)), c, rate, static)
-    packed = _masks.pack_bits(keep)
-    tangent = jax.checkpoint(_packed_tangent, static_argnums=(4,))(
-        tangents[0], packed, value, rate, static)
+    y = _noisy(x, key, rate, static)
+    # The tangent is linear in t; under jax.checkpoint reverse mode saves (key, rate) and
+    # regenerates the multiplier, instead of keeping a mask alive until the backward pass.
+    # Measured on CPU (BENCHMARKS.md), this is also the fastest of the three policies:
+    # regenerating beat keeping a bool mask and keeping a bit-packed mask.
+    tangent = jax.checkpoint(_apply, static_argnums=(3, 4))(tangents[0], key, rate, static, False)
     return y, tangent
-
-
-def _packed_tangent(t, packed, value, rate, static: _Static):
-    keep = _masks.unpack_bits(packed, static.mask_shape)
-    return _combine(t, jnp.where(keep, value, jnp.zeros((), value.dtype)), None, rate, static)
 
 
 def _random_map(fn, kind, key, x, rate, train, broadcast_dims, mask_bits):

@@ -64,26 +64,3 @@ def inverse_keep(k, bits: int):
         return 0.0 if k == 0 else 2.0**bits / k
     return jnp.where(k > 0, jnp.float32(2.0**bits) / jnp.maximum(k, 1.0), 0.0)
 
-
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def pack_bits(keep: jax.Array) -> jax.Array:
-    """A boolean mask packed 8 elements to a byte: uint8 of shape ``(ceil(size / 8),)``.
-
-    This is what reverse mode keeps for the backward pass of dropout (1 bit per
-    element): cheaper to store than a bool mask (8 bits) and, on CPU, cheaper to
-    read back than to regenerate the mask from the key (see BENCHMARKS.md).
-    """
-    flat = keep.reshape(-1)
-    pad = -flat.size % 8
-    if pad:
-        flat = jnp.concatenate([flat, jnp.zeros((pad,), bool)])
-    bits = flat.reshape(-1, 8).astype(jnp.uint8) * jnp.asarray(_BIT_WEIGHTS, jnp.uint8)
-    return jnp.sum(bits, axis=1, dtype=jnp.uint8)  # distinct powers of two: the sum is an OR
-
-
-def unpack_bits(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """The inverse of :func:`pack_bits`: the boolean mask of shape ``shape``."""
-    bits = (packed[:, None] & jnp.asarray(_BIT_WEIGHTS, jnp.uint8)) != 0
-    return bits.reshape(-1)[: math.prod(shape)].reshape(shape)

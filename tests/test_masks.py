@@ -19,8 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import binomial_bounds, quantised_keep
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import dropnorm
 from dropnorm import _masks
@@ -161,17 +159,3 @@ def test_traced_rate_gives_the_same_mask_as_a_python_rate(rate, bits):
         assert bool(traced.all())  # k = 2**bits keeps everything, also for 32 bits
     if rate == 1.0:
         assert not bool(traced.any())
-
-
-@settings(max_examples=30, deadline=None)
-@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), seed=st.integers(0, 2**31 - 1),
-       p=st.floats(0.0, 1.0))
-def test_pack_bits_round_trips_and_matches_numpy_packbits(shape, seed, p):
-    shape = tuple(shape)
-    keep = jax.random.bernoulli(jax.random.key(seed), p, shape)
-    packed = _masks.pack_bits(keep)
-    assert packed.dtype == jnp.uint8 and packed.shape == (-(-math.prod(shape) // 8),)
-    np.testing.assert_array_equal(
-        np.asarray(packed), np.packbits(np.asarray(keep).ravel(), bitorder="little"))
-    np.testing.assert_array_equal(np.asarray(_masks.unpack_bits(packed, shape)),
-                                  np.asarray(keep))
