@@ -173,7 +173,11 @@ def _train_normalize_tangent(static, x, mask, mean, inv_std, count, scale, tx, t
     return ty.astype(static.out_dtype), tmean, tvar
 
 
-_checkpointed_tangent = jax.checkpoint(_train_normalize_tangent, static_argnums=(0,))
+# prevent_cse=False: inside one jit XLA may share x - mean between the forward and the
+# rematerialised tangent (bf16 vjp on CPU: 4 instead of 6 input-sized temporaries; the 12-layer
+# step's temp memory moves by about 1%). The residuals stay x and per-feature vectors.
+_checkpointed_tangent = jax.checkpoint(_train_normalize_tangent, static_argnums=(0,),
+                                       prevent_cse=False)
 
 
 @_train_normalize.defjvp
