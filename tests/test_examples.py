@@ -1,0 +1,183 @@
+"""Fast checks of the examples: data, training loop, checkpoint/resume, CLIs, the study's outputs.
+
+Small step counts only; the accuracy claims themselves are checked by running the scripts
+(see docs/results/).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES)
+
+import _data  # noqa: E402
+import _train  # noqa: E402
+
+
+def _load_script(name: str):
+    # Loaded under another module name: ``mnist1d`` is also the data package's name.
+    spec = importlib.util.spec_from_file_location(f"examples_{name}",
+                                                  os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _load_script("mnist1d")
+study = _load_script("study")
+
+
+def _tree_equal(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return (jax.tree.structure(a) == jax.tree.structure(b)
+            and all(np.array_equal(np.asarray(x), np.asarray(y))
+                    for x, y in zip(la, lb, strict=True)))
+
+
+def test_data_sets_are_local_deterministic_and_sized():
+    d = _data.load("mnist1d")
+    assert d.x.shape == (4000, 40) and d.x_test.shape == (1000, 40)
+    assert d.y.shape == (4000,) and set(np.unique(d.y)) == set(range(10))
+    state = np.random.get_state()[1].copy()
+    again = _data.load.__wrapped__("mnist1d")  # regenerate, bypassing the cache
+    assert np.array_equal(again.x, d.x) and np.array_equal(again.y_test, d.y_test)
+    assert np.array_equal(np.random.get_state()[1], state)  # NumPy's global RNG untouched
+    g = _data.load("digits")
+    assert g.x.shape == (1347, 64) and g.x_test.shape == (450, 64)
+    # Standardised with training statistics: mean 0, std 1 on the training set (float32).
+    assert abs(float(g.x.mean())) < 1e-5 and abs(float(g.x.std()) - 1) < 1e-5
+    with pytest.raises(ValueError, match="name='mnist'"):
+        _data.load("mnist")
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_loss_falls_in_a_few_steps(model):
+    d = _data.load("mnist1d")
+    cfg = _train.Config(model=model, dropout=0.1, batch_norm=True, steps=30)
+    trainer = _train.Trainer(cfg, d.x[:500], d.y[:500], d.x_test[:200], d.y_test[:200])
+    _, hist = _train.run(trainer, [0, 1], steps=30, eval_every=15)
+    assert list(hist["step"]) == [0, 15, 30]
+    loss = hist["train_loss"]  # (evals, seeds), eval mode, whole (sub)training set
+    # Untrained: about log(10) = 2.30; 30 Adam steps at lr 1e-2 take it well below 2.
+    assert np.all(loss[0] > 2.0) and np.all(loss[-1] < loss[0] - 0.3), loss
+    assert np.all(hist["train_acc"][-1] > 0.25)  # chance is 0.1
+
+
+def test_seeds_differ_and_a_seed_is_reproducible():
+    d = _data.load("mnist1d")
+    cfg = _train.Config(model="mlp", steps=10)
+    trainer = _train.Trainer(cfg, d.x[:300], d.y[:300], d.x_test[:100], d.y_test[:100])
+    both, _ = _train.run(trainer, [0, 1], steps=10, eval_every=10)
+    again, _ = _train.run(trainer, [0, 1], steps=10, eval_every=10)
+    assert _tree_equal(both, again)
+    w = both.params["Dense_0"]["kernel"]
+    assert not np.array_equal(np.asarray(w[0]), np.asarray(w[1]))
+
+
+def test_checkpoint_resume_equals_uninterrupted(tmp_path):
+    common = ["--model", "mlp", "--steps", "30", "--eval-every", "10", "--no-progress"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    first = cli.main(common + ["--out", a, "--stop-at", "20"])
+    assert first["step"] == 20 and int(first["state"].step[0]) == 20
+    resumed = cli.main(common + ["--out", a, "--resume"])
+    straight = cli.main(common + ["--out", b])
+    assert resumed["step"] == straight["step"] == 30
+    # Same params, BatchNorm statistics, optimiser state and step, bit for bit.
+    assert _tree_equal(resumed["state"], straight["state"])
+    assert resumed["test_accuracy"] == straight["test_accuracy"]
+    # What is on disk is that state too.
+    fresh = _train.Trainer(cli.config_from(cli.parser().parse_args(common)),
+                           *_data.load("mnist1d")[1:]).init([0])
+    on_disk = _train.load_checkpoint(a, fresh)
+    assert _tree_equal(on_disk, straight["state"])
+    assert set(on_disk.batch_stats) == {"BatchNorm_0", "BatchNorm_1"}
+    # The metrics file holds the whole history across the interruption.
+    import json
+
+    with open(os.path.join(a, "metrics.json")) as f:
+        steps = [h["step"] for h in json.load(f)["history"]]
+    assert steps == [0, 10, 20, 30]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        cli.main(["--steps", "10", "--out", str(tmp_path), "--resume", "--no-progress"])
+
+
+def test_cli_parses():
+    args = cli.parser().parse_args(
+        ["--model", "mlp", "--dropout", "0.3", "--no-batch-norm", "--steps", "50",
+         "--batch-size", "32", "--lr", "0.003", "--seed", "4", "--out", "x", "--resume",
+         "--dataset", "digits"])
+    cfg = cli.config_from(args)
+    assert (cfg.model, cfg.dropout, cfg.batch_norm, cfg.steps, cfg.batch_size, cfg.lr) == (
+        "mlp", 0.3, False, 50, 32, 0.003)
+    assert (args.seed, args.out, args.resume, args.dataset) == (4, "x", True, "digits")
+    defaults = cli.parser().parse_args([])
+    assert defaults.batch_norm is True and defaults.steps == 3000 and defaults.model == "cnn"
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["--model", "resnet"])
+    with pytest.raises(ValueError, match="dropout=1.5"):
+        _train.Config(dropout=1.5)
+    s = study._settings(study.parser().parse_args(["--quick", "--out", "o"]))
+    assert s.datasets == ["mnist1d"] and s.seeds >= 2 and s.steps <= 1000
+    full = study._settings(study.parser().parse_args(["--out", "o"]))
+    assert full.datasets == ["mnist1d", "digits"] and full.seeds >= 5
+
+
+def test_steps_to_threshold():
+    steps = np.array([0, 10, 20])
+    curve = np.array([[0.1, 0.1], [0.95, 0.5], [0.99, 0.8]])
+    out = _train.steps_to(steps, curve, 0.9)
+    assert out[0] == 10 and np.isnan(out[1])
+
+
+def test_study_quick_path_writes_table_and_pngs(tmp_path):
+    out = tmp_path / "quick"
+    res = study.main(["--quick", "--out", str(out), "--models", "mlp", "--seeds", "1",
+                      "--steps", "20", "--eval-every", "10", "--no-sweeps"])
+    assert len(res["rows"]) == 4
+    md = (out / "results.md").read_text()
+    for reg in study.REGULARISERS:
+        assert f"| mnist1d | mlp | {reg} |" in md
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("dataset,model,config") and len(csv_lines) == 5
+    for png in ("learning_curves.png", "generalisation_gap.png", "preactivations.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Wall time" in (out / "timing.md").read_text()
+
+
+def test_sweep_and_variance_shift_plots(tmp_path):
+    sweep = [{"model": "mlp", "sweep": s, "value": v, "test_acc_mean": 0.7,
+              "test_acc_std": 0.01, "gap_mean": 0.1}
+             for s, v in [("dropout_rate", 0.0), ("dropout_rate", 0.5),
+                          ("bn_momentum", 0.9), ("bn_momentum", 0.99)]]
+    shift = [{"model": "mlp", "placement": p, "rate": r, "var_ratio_mean": 1.1,
+              "var_ratio_std": 0.05, "test_acc_mean": 0.7, "test_acc_std": 0.01}
+             for p in ("before_bn", "last") for r in (0.1, 0.5)]
+    study.plot_sweeps(sweep, str(tmp_path / "s.png"))
+    study.plot_variance_shift(shift, str(tmp_path / "v.png"))
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_variance_shift_is_measured_where_dropout_feeds_batchnorm():
+    # Measured quantity only (its size is the study's result): with BatchNorm a ratio of
+    # running to actual variance is reported per seed, positive and finite; without, none.
+    d = _data.load("mnist1d")
+    for placement in ("before_bn", "last"):
+        cfg = _train.Config(model="mlp", dropout=0.5, placement=placement, steps=20)
+        trainer = _train.Trainer(cfg, d.x[:300], d.y[:300], d.x_test[:100], d.y_test[:100])
+        _, hist = _train.run(trainer, [0], steps=20, eval_every=20)
+        assert hist["var_ratio"].shape == (2, 1) and np.all(np.isfinite(hist["var_ratio"]))
+        assert np.all(hist["var_ratio"] > 0)
+    trainer = _train.Trainer(_train.Config(batch_norm=False, steps=5), d.x[:300], d.y[:300],
+                             d.x_test[:100], d.y_test[:100])
+    assert "var_ratio" not in trainer.evaluate(trainer.init([0]))
