@@ -336,6 +336,10 @@ def run(shapes, repeats: int, ops, modes, layer_shape) -> dict:
     return {"rows": rows, "residuals": residuals}
 
 
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def markdown(result: dict) -> str:
     """The tables of BENCHMARKS.md from a ``--json`` result."""
     out = []
@@ -376,7 +380,7 @@ def markdown(result: dict) -> str:
                 [tuple(r["shape"]) for r in rows].index(k[0]), k[1] != "f32", k[2] != "vjp")):
             g, p, b = (pol[(shape, dtype, mode, n)] for n in ("dropnorm", "packed bits",
                                                                "bool mask"))
-            out.append(f"| {shape} | {dtype} | {mode} | {p['ms']:.2f} | {g['ms']:.2f} "
+            out.append(f"| {shape} | {dtype} | {mode} | {g['ms']:.2f} | {p['ms']:.2f} "
                        f"| {b['ms']:.2f} | {g['linen_over_this'] / p['linen_over_this']:.2f} "
                        f"| {g['linen_over_this'] / b['linen_over_this']:.2f} |")
         out.append("")
@@ -397,8 +401,8 @@ def markdown(result: dict) -> str:
             out.append(f"| {op} | {dtype} | {res[(op, dtype, 'dropnorm')]:.3f} "
                        f"| {res[(op, dtype, 'flax.linen')]:.3f} "
                        f"| {res[(op, dtype, 'flax.nnx')]:.3f} "
-                       f"| {res.get((op, dtype, 'packed bits'), float('nan')):.3f} "
-                       f"| {res.get((op, dtype, 'bool mask'), float('nan')):.3f} |")
+                       f"| {_fmt(res.get((op, dtype, 'packed bits')))} "
+                       f"| {_fmt(res.get((op, dtype, 'bool mask')))} |")
         out.append("")
     t = result.get("twelve_layer")
     if t:
