@@ -1,19 +1,23 @@
 """Batch moments: exact two-pass statistics, padding masks, one collective across devices.
 
 The variance is computed in two passes (mean, then mean of squared deviations)
-in at least float32. Unlike the one-pass ``E[x^2] - E[x]^2`` (Flax's default),
-this stays accurate when ``|mean| >> std`` and can never be negative.
+in at least float32, on deviations from a data-derived shift (each feature's
+first valid element). Unlike the one-pass ``E[x^2] - E[x]^2`` (Flax's default),
+this stays accurate when ``|mean| >> std`` and can never be negative; a constant
+feature gets exactly its value as mean and exactly 0 as variance.
 
-Across devices, each device contributes ``(count, mean, M2)`` where ``M2`` is its
-centred sum of squares; one collective brings every device's triple to every
-device, and Chan et al.'s pairwise formula combines them exactly:
-``mean = sum(n_i mean_i) / N``, ``M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2)``.
-Devices with different numbers of valid (unmasked) elements are therefore
-weighted correctly, and no device's local centring biases the result.
+Across devices, each device contributes ``(count, shift, mean_d, M2)``, its mean
+being ``shift + mean_d`` and ``M2`` its centred sum of squares; one collective
+brings every device's numbers to every device, and Chan et al.'s pairwise
+formula combines them exactly: ``mean = sum(n_i mean_i) / N``,
+``M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2)``, with every ``mean_i`` taken
+relative to one reference shift so that none is rounded at the magnitude of the
+data first. Devices with different numbers of valid (unmasked) elements are
+therefore weighted correctly, and no device's local centring biases the result.
 
 Over device axes (``shard_map``, ``pmap``) the collective is one ``lax.psum``
 of the triples placed at each device's linear index, which every device receives
-whole: ``3 * devices * features`` numbers, small next to the activations for the
+whole: ``4 * devices * features`` numbers, small next to the activations for the
 usual tens to hundreds of devices. A ``psum`` (unlike ``all_gather``) gives a
 replicated result, so the new running statistics can leave ``shard_map`` with
 ``out_specs=P()``. Over ``vmap`` axes the triples are gathered with
@@ -127,21 +131,44 @@ def _group_ids(groups, size: int, fn: str) -> np.ndarray:
     return ids
 
 
+def _shift(xf, reduction_axes, mask):
+    """Per-feature shift: the first valid element along the reduction axes (0 if none)."""
+    if mask is None:
+        idx = tuple(slice(0, 1) if a in reduction_axes else slice(None) for a in range(xf.ndim))
+        return lax.stop_gradient(xf[idx])
+    front = tuple(range(len(reduction_axes)))
+    rest = tuple(d for a, d in enumerate(xf.shape) if a not in reduction_axes)
+    xt = jnp.moveaxis(xf, reduction_axes, front).reshape((-1,) + rest)
+    mt = jnp.moveaxis(mask, reduction_axes, front).reshape(xt.shape)
+    shift = jnp.take_along_axis(xt, jnp.argmax(mt, 0)[None], 0)[0]
+    shift = jnp.where(jnp.any(mt, 0), shift, 0.0)
+    return lax.stop_gradient(jnp.expand_dims(shift, reduction_axes))
+
+
 def _local(x, reduction_axes, mask):
-    """This device's ``(count, mean, M2)``, each of x's rank, count broadcast to mean's shape."""
+    """This device's ``(count, shift, mean_d, M2)``, each of x's rank (size 1 when reduced).
+
+    The mean is ``shift + mean_d``: deviations are summed from a data-derived shift
+    (each feature's first valid element), so a constant feature gets exactly its
+    value as mean and exactly 0 as M2, and the deviations stay of the order of the
+    spread when ``|mean| >> std``. The pair is kept apart until the end, so that
+    combining devices does not round each device's mean to the dtype first.
+    """
     dt = stats_dtype(x.dtype)
     xf = x.astype(dt)
+    shift = _shift(xf, reduction_axes, mask)
+    d = xf - shift
     if mask is None:
         n = math.prod(x.shape[a] for a in reduction_axes)
-        mean = jnp.mean(xf, reduction_axes, keepdims=True)
-        m2 = jnp.sum(jnp.square(xf - mean), reduction_axes, keepdims=True)
-        count = jnp.full(mean.shape, n, dt)
+        mean_d = jnp.mean(d, reduction_axes, keepdims=True)
+        m2 = jnp.sum(jnp.square(d - mean_d), reduction_axes, keepdims=True)
+        count = jnp.full(mean_d.shape, n, dt)
     else:
         count = jnp.sum(mask, reduction_axes, keepdims=True, dtype=dt)
         safe = jnp.maximum(count, 1.0)
-        mean = jnp.sum(jnp.where(mask, xf, 0.0), reduction_axes, keepdims=True) / safe
-        m2 = jnp.sum(jnp.where(mask, jnp.square(xf - mean), 0.0), reduction_axes, keepdims=True)
-    return count, mean, m2
+        mean_d = jnp.sum(jnp.where(mask, d, 0.0), reduction_axes, keepdims=True) / safe
+        m2 = jnp.sum(jnp.where(mask, jnp.square(d - mean_d), 0.0), reduction_axes, keepdims=True)
+    return count, shift, mean_d, m2
 
 
 def _manual_axes() -> frozenset:
@@ -176,12 +203,23 @@ def _gather(triple, names, size: int):
     return out.reshape((size,) + triple.shape)
 
 
-def _combine(counts, means, m2s, axis: int):
-    """Chan's exact pairwise combination along ``axis``: ``(count, mean, M2)``."""
+def _combine(counts, shifts, mean_ds, m2s, axis: int):
+    """Chan's exact pairwise combination along ``axis``: ``(count, mean, M2)``.
+
+    Each part's mean is ``shift + mean_d``; all are taken relative to one reference
+    shift (the first part with data), ``(shift - ref) + mean_d``, which is exact for
+    shifts within a factor 2 of each other, so no part's mean is rounded at the
+    magnitude of the data before the deviations between parts are formed.
+    """
     count = jnp.sum(counts, axis)
-    mean = jnp.sum(counts * means, axis) / jnp.maximum(count, 1.0)
-    dev = means - jnp.expand_dims(mean, axis)
-    m2 = jnp.sum(m2s, axis) + jnp.sum(counts * jnp.square(dev), axis)
+    has = counts > 0
+    first = jnp.expand_dims(jnp.argmax(has, axis), axis)
+    ref = jnp.take_along_axis(shifts, first, axis)
+    dev = jnp.where(has, (shifts - ref) + mean_ds, 0.0)
+    mean_rel = jnp.sum(counts * dev, axis) / jnp.maximum(count, 1.0)
+    m2 = jnp.sum(m2s, axis) + jnp.sum(
+        counts * jnp.square(dev - jnp.expand_dims(mean_rel, axis)), axis)
+    mean = jnp.where(count > 0, jnp.squeeze(ref, axis) + mean_rel, 0.0)
     return count, mean, m2
 
 
@@ -216,18 +254,18 @@ def batch_moments(x, reduction_axes, *, mask=None, axis_name=None, axis_index_gr
     """
     names = check_axis_name(axis_name, fn)
     groups = check_axis_index_groups(axis_index_groups, names, fn)
-    count, mean, m2 = _local(x, reduction_axes, mask)
+    count, shift, mean_d, m2 = _local(x, reduction_axes, mask)
     if names is None:
-        return _finish(count, mean, m2)
+        return _finish(count, shift + mean_d, m2)
     size = _axis_size(names, fn)
     ids = None if groups is None else _group_ids(groups, size, fn)
-    gathered = _gather(jnp.stack([count, mean, m2]), names, size)  # (size, 3, *mean.shape)
-    counts, means, m2s = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+    gathered = _gather(jnp.stack([count, shift, mean_d, m2]), names, size)  # (size, 4, ...)
+    counts, shifts, mean_ds, m2s = (gathered[:, i] for i in range(4))
     if ids is not None:
         mine = jnp.asarray(ids)[lax.axis_index(names)]
         member = (jnp.asarray(ids) == mine).astype(counts.dtype).reshape((size,) + (1,) * x.ndim)
         counts, m2s = counts * member, m2s * member
-    return _finish(*_combine(counts, means, m2s, 0))
+    return _finish(*_combine(counts, shifts, mean_ds, m2s, 0))
 
 
 def ghost_moments(x, reduction_axes, virtual_batch_size: int, *, mask=None, axis_name=None,
@@ -289,17 +327,17 @@ def ghost_moments(x, reduction_axes, virtual_batch_size: int, *, mask=None, axis
     xs = x.reshape(chunked)
     ms = None if mask is None else mask.reshape(chunked)
     red = tuple(a + 1 for a in reduction_axes)
-    count, mean, m2 = _local(xs, red, ms)  # (c, *stats_shape) each
+    count, shift, mean_d, m2 = _local(xs, red, ms)  # (c, *stats_shape) each
     if names is None:
-        local = _finish(count, mean, m2)
+        local = _finish(count, shift + mean_d, m2)
         return local, local
-    gathered = _gather(jnp.stack([count, mean, m2], 1), names, size)  # (size, c, 3, ...)
+    gathered = _gather(jnp.stack([count, shift, mean_d, m2], 1), names, size)  # (size, c, 4, .)
     if span == 1:
         chunks = gathered.reshape((size * c,) + gathered.shape[2:])
-        allc = _finish(chunks[:, 0], chunks[:, 1], chunks[:, 2])
-        return _finish(count, mean, m2), allc
+        allc = _finish(chunks[:, 0], chunks[:, 1] + chunks[:, 2], chunks[:, 3])
+        return _finish(count, shift + mean_d, m2), allc
     grouped = gathered.reshape((size // span, span) + gathered.shape[2:])  # c == 1
-    allc = _combine(grouped[:, :, 0], grouped[:, :, 1], grouped[:, :, 2], 1)
+    allc = _combine(*(grouped[:, :, i] for i in range(4)), 1)
     mine = lax.axis_index(names) // span
     local = tuple(lax.dynamic_index_in_dim(a, mine, 0, keepdims=True) for a in allc)
     return _finish(*local), _finish(*allc)
