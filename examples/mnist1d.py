@@ -2,12 +2,14 @@
 
     python examples/mnist1d.py --model cnn --out runs/cnn          # 0.963 test accuracy (seed 0)
     python examples/mnist1d.py --model mlp --dropout 0.3 --no-batch-norm
-    python examples/mnist1d.py --model cnn --out runs/cnn --resume --steps 4000
+    python examples/mnist1d.py --out runs/cnn --stop-at 1500       # as if interrupted
+    python examples/mnist1d.py --out runs/cnn --resume             # same end state as above
 
 Prints train and test accuracy and, last, ``test_accuracy=0.xxxx``. With ``--out DIR``
 writes ``DIR/metrics.json`` and an orbax checkpoint ``DIR/checkpoint`` (params, BatchNorm
 statistics, optimiser state, step) after every evaluation; ``--resume`` continues from it
-and ends in the same state as an uninterrupted run with the same flags.
+and ends in the same state as an uninterrupted run with the same flags (``--steps`` is
+also the length of the learning-rate schedule, so keep it when resuming).
 
 References:
   Greydanus, "Scaling down Deep Learning with MNIST-1D", 2020 (arXiv:2011.14439).
