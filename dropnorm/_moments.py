@@ -131,44 +131,36 @@ def _group_ids(groups, size: int, fn: str) -> np.ndarray:
     return ids
 
 
-def _shift(xf, reduction_axes, mask):
-    """Per-feature shift: the first valid element along the reduction axes (0 if none)."""
-    if mask is None:
-        idx = tuple(slice(0, 1) if a in reduction_axes else slice(None) for a in range(xf.ndim))
-        return lax.stop_gradient(xf[idx])
-    front = tuple(range(len(reduction_axes)))
-    rest = tuple(d for a, d in enumerate(xf.shape) if a not in reduction_axes)
-    xt = jnp.moveaxis(xf, reduction_axes, front).reshape((-1,) + rest)
-    mt = jnp.moveaxis(mask, reduction_axes, front).reshape(xt.shape)
-    shift = jnp.take_along_axis(xt, jnp.argmax(mt, 0)[None], 0)[0]
-    shift = jnp.where(jnp.any(mt, 0), shift, 0.0)
-    return lax.stop_gradient(jnp.expand_dims(shift, reduction_axes))
-
-
 def _local(x, reduction_axes, mask):
     """This device's ``(count, shift, mean_d, M2)``, each of x's rank (size 1 when reduced).
 
-    The mean is ``shift + mean_d``: deviations are summed from a data-derived shift
-    (each feature's first valid element), so a constant feature gets exactly its
-    value as mean and exactly 0 as M2, and the deviations stay of the order of the
-    spread when ``|mean| >> std``. The pair is kept apart until the end, so that
-    combining devices does not round each device's mean to the dtype first.
+    The corrected two-pass algorithm (Chan, Golub & LeVeque 1983): the first pass
+    gives a rough mean, the ``shift``; the second sums the deviations ``d = x - shift``
+    and their squares. The mean is ``shift + mean(d)`` and
+    ``M2 = sum(d^2) - n mean(d)^2``, where ``mean(d)`` is only the rounding error
+    of the first pass, so the correction cancels nothing. A constant feature gets
+    exactly its value as mean and 0 as M2, deviations stay of the order of the
+    spread when ``|mean| >> std``, and both sums read the same deviations (one
+    temporary, as in the textbook two-pass form). The pair is kept apart until
+    the end, so that combining devices does not round each device's mean first.
     """
     dt = stats_dtype(x.dtype)
     xf = x.astype(dt)
-    shift = _shift(xf, reduction_axes, mask)
-    d = xf - shift
     if mask is None:
         n = math.prod(x.shape[a] for a in reduction_axes)
-        mean_d = jnp.mean(d, reduction_axes, keepdims=True)
-        m2 = jnp.sum(jnp.square(d - mean_d), reduction_axes, keepdims=True)
-        count = jnp.full(mean_d.shape, n, dt)
+        count = jnp.full((1,) * x.ndim, n, dt)
+        shift = lax.stop_gradient(jnp.mean(xf, reduction_axes, keepdims=True))
+        d = xf - shift
     else:
         count = jnp.sum(mask, reduction_axes, keepdims=True, dtype=dt)
-        safe = jnp.maximum(count, 1.0)
-        mean_d = jnp.sum(jnp.where(mask, d, 0.0), reduction_axes, keepdims=True) / safe
-        m2 = jnp.sum(jnp.where(mask, jnp.square(d - mean_d), 0.0), reduction_axes, keepdims=True)
-    return count, shift, mean_d, m2
+        total = jnp.sum(jnp.where(mask, xf, 0.0), reduction_axes, keepdims=True)
+        shift = lax.stop_gradient(total / jnp.maximum(count, 1.0))
+        d = jnp.where(mask, xf - shift, 0.0)
+    safe = jnp.maximum(count, 1.0)
+    mean_d = jnp.sum(d, reduction_axes, keepdims=True) / safe
+    m2 = jnp.sum(jnp.square(d), reduction_axes, keepdims=True) - count * jnp.square(mean_d)
+    count = jnp.broadcast_to(count, mean_d.shape)
+    return count, shift, mean_d, jnp.maximum(m2, 0.0)
 
 
 def _manual_axes() -> frozenset:
