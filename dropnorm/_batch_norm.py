@@ -353,8 +353,11 @@ def batch_norm(params, state, x, train, *, axis=-1, momentum=0.99, epsilon=1e-5,
         PyTorch's NCHW).
       momentum: decay of the running average, in [0, 1]. PyTorch's ``momentum``
         is ``1 - momentum`` here: PyTorch's 0.1 equals 0.9. None gives the
-        cumulative average of all batches (PyTorch's ``momentum=None``).
+        cumulative average of all batches (PyTorch's ``momentum=None``). A
+        traced momentum is accepted; one that is NaN or outside [0, 1] cannot
+        raise, so it makes the new running statistics NaN.
       epsilon: added to the variance before the square root (default 1e-5).
+        A traced epsilon that is negative or NaN makes the output NaN.
       mask: optional boolean array broadcastable to ``x``; True elements count
         towards the statistics (padding gets False). All elements are normalised.
         A feature with no valid element keeps its running statistics.
@@ -415,6 +418,8 @@ def batch_renorm(params, state, x, train, *, r_max=3.0, d_max=5.0, axis=-1, mome
     Args:
       r_max: bound on ``r`` (>= 1). Ioffe starts at 1 and raises it to about 3.
       d_max: bound on ``|d|`` (>= 0). Ioffe starts at 0 and raises it to about 5.
+        Both may be traced (a schedule inside one compiled step); a traced bound
+        that is NaN or below its minimum makes the output NaN.
       Everything else: as :func:`batch_norm`.
 
     Returns:
@@ -432,9 +437,16 @@ def batch_renorm(params, state, x, train, *, r_max=3.0, d_max=5.0, axis=-1, mome
       Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
       Batch-Normalized Models", NeurIPS 2017.
     """
+    bounds = []
     for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
-        if not _checks.is_traced(value) and not float(value) >= low:
-            raise ValueError(f"batch_renorm: `{name}` must be >= {low}; got {value!r}.")
+        if _checks.is_traced(value):
+            value = _checks.traced_real_scalar(value, "batch_renorm", name)
+            value = _checks.poison_unless(value >= low, value)
+        elif not _checks.real_scalar(value) >= low:
+            raise ValueError(
+                f"batch_renorm: `{name}` must be >= {low} (a real number); got {value!r}.")
+        bounds.append(value)
+    r_max, d_max = bounds
     return _core("batch_renorm", params, state, x, train, axis=axis, momentum=momentum,
                  epsilon=epsilon, mask=mask, axis_name=axis_name,
                  axis_index_groups=axis_index_groups, virtual_batch_size=None,

@@ -35,14 +35,7 @@ def check_rate(rate: Any, fn: str, name: str = "rate") -> float | jax.Array:
     scalar (its range is checked where it is used: see ``invalid_rate``).
     """
     if is_traced(rate):
-        if jnp.ndim(rate) != 0 or not (
-            jnp.issubdtype(rate.dtype, jnp.floating) or jnp.issubdtype(rate.dtype, jnp.integer)
-        ):
-            raise ValueError(
-                f"{fn}: `{name}` must be a real scalar; got a traced value of shape "
-                f"{jnp.shape(rate)} and dtype {rate.dtype}."
-            )
-        return jnp.asarray(rate, jnp.float32)
+        return traced_real_scalar(rate, fn, name)
     if isinstance(rate, (bool, str, bytes)) or np.ndim(rate) != 0 or (
         np.asarray(rate).dtype.kind in "bc"  # booleans and complex numbers are no rates
     ):
@@ -136,7 +129,7 @@ def normalize_axes(axis: Any, ndim: int, fn: str, name: str = "axis") -> tuple[i
     return tuple(sorted(out))
 
 
-def _real_scalar(value: Any) -> float:
+def real_scalar(value: Any) -> float:
     """``value`` as a Python float if it is a real number (int or float scalar), else NaN.
 
     Strings, booleans, complex numbers and arrays of more than one dimension are not
@@ -153,12 +146,31 @@ def _real_scalar(value: Any) -> float:
     return float(arr)
 
 
+def traced_real_scalar(value: jax.Array, fn: str, name: str) -> jax.Array:
+    """A traced number's shape and dtype (all that is known at trace time), as float32."""
+    if jnp.ndim(value) != 0 or not (
+        jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"{fn}: `{name}` must be a real scalar; got a traced value of shape "
+            f"{jnp.shape(value)} and dtype {value.dtype}."
+        )
+    return jnp.asarray(value, jnp.float32)
+
+
+def poison_unless(valid: jax.Array, value: jax.Array) -> jax.Array:
+    """``value`` where ``valid``, else NaN: an invalid traced argument cannot raise, so it
+    makes every result it touches NaN instead of being clipped or ignored."""
+    return jnp.where(valid, value, jnp.nan)
+
+
 def check_momentum(momentum: Any, fn: str, allow_none: bool = False) -> float | jax.Array | None:
     if momentum is None and allow_none:
         return None
     if is_traced(momentum):
-        return momentum
-    value = _real_scalar(momentum)
+        m = traced_real_scalar(momentum, fn, "momentum")
+        return poison_unless((m >= 0.0) & (m <= 1.0), m)
+    value = real_scalar(momentum)
     if not (0.0 <= value <= 1.0):
         extra = " or None (cumulative average, PyTorch's momentum=None)" if allow_none else ""
         raise ValueError(
@@ -171,8 +183,9 @@ def check_momentum(momentum: Any, fn: str, allow_none: bool = False) -> float | 
 
 def check_epsilon(epsilon: Any, fn: str) -> float | jax.Array:
     if is_traced(epsilon):
-        return epsilon
-    value = _real_scalar(epsilon)
+        e = traced_real_scalar(epsilon, fn, "epsilon")
+        return poison_unless(e >= 0.0, e)
+    value = real_scalar(epsilon)
     if not value >= 0.0:
         raise ValueError(
             f"{fn}: `epsilon` must be a non-negative number added to the variance; got "

@@ -235,3 +235,61 @@ def test_broadcast_dims_may_be_an_int_or_a_list():
     for bdims in (1, [1], -1, (-1,)):
         np.testing.assert_array_equal(
             np.asarray(dropnorm.dropout(KEY, x, 0.5, True, broadcast_dims=bdims)), want)
+
+
+# ---------------------------------------------------------------- traced hyper-parameters
+# A traced value cannot raise at trace time: its shape and dtype are checked when traced, and
+# an invalid value poisons what it touches with NaN (never silently clipped), like a traced rate.
+
+
+def _bn_xs():
+    return jnp.arange(12.0).reshape(4, 3) ** 1.5
+
+
+@pytest.mark.parametrize("name", ["momentum", "epsilon"])
+def test_traced_momentum_and_epsilon_must_be_real_scalars(name):
+    params, state = dropnorm.batch_norm_init(3)
+    f = jax.jit(lambda x, v: dropnorm.batch_norm(params, state, x, True, **{name: v}))
+    with pytest.raises(ValueError, match=f"`{name}`.*shape \\(2,\\)"):
+        f(_bn_xs(), jnp.array([0.5, 0.9]))
+    with pytest.raises(ValueError, match=f"`{name}`.*dtype bool"):
+        f(_bn_xs(), jnp.asarray(True))
+
+
+def test_traced_invalid_momentum_poisons_the_running_statistics():
+    params, state = dropnorm.batch_norm_init(3)
+    f = jax.jit(lambda m: dropnorm.batch_norm(params, state, _bn_xs(), True, momentum=m))
+    for m in (-0.1, 1.5, float("nan")):
+        y, new = f(m)
+        assert np.all(np.isnan(np.asarray(new.mean))) and np.all(np.isnan(np.asarray(new.var)))
+        assert not np.any(np.isnan(np.asarray(y))), m  # the batch statistics do not use it
+    for m in (0.0, 0.9, 1.0):  # the valid range, edges included, equals the static path
+        y, new = f(m)
+        y_s, new_s = dropnorm.batch_norm(params, state, _bn_xs(), True, momentum=m)
+        np.testing.assert_allclose(new.mean, new_s.mean, rtol=1e-6)
+        np.testing.assert_allclose(new.var, new_s.var, rtol=1e-6)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_traced_negative_epsilon_poisons_the_output(train):
+    params, state = dropnorm.batch_norm_init(3)
+    f = jax.jit(lambda e: dropnorm.batch_norm(params, state, _bn_xs(), train, epsilon=e)[0])
+    for e in (-1e-5, float("nan")):
+        assert np.all(np.isnan(np.asarray(f(e)))), e
+    np.testing.assert_allclose(f(1e-3), dropnorm.batch_norm(params, state, _bn_xs(), train,
+                                                             epsilon=1e-3)[0], rtol=1e-6)
+
+
+def test_batch_renorm_bounds_checked_concrete_and_poisoned_traced():
+    params, state = dropnorm.batch_norm_init(3)
+    for kw, shown in (({"r_max": 0.5}, "0.5"), ({"d_max": -1.0}, "-1.0"),
+                      ({"r_max": "3"}, "'3'"), ({"d_max": float("nan")}, "nan")):
+        name = next(iter(kw))
+        _raises_at_trace(lambda x, kw=kw: dropnorm.batch_renorm(params, state, x, True, **kw),
+                         _bn_xs(), ValueError, f"`{name}`", shown)
+    f = jax.jit(lambda r, d: dropnorm.batch_renorm(params, state, _bn_xs(), True, r_max=r,
+                                                   d_max=d)[0])
+    for r, d in ((0.5, 1.0), (2.0, -1.0), (float("nan"), 1.0)):
+        assert np.all(np.isnan(np.asarray(f(r, d)))), (r, d)
+    np.testing.assert_allclose(f(2.0, 1.0), dropnorm.batch_renorm(
+        params, state, _bn_xs(), True, r_max=2.0, d_max=1.0)[0], rtol=1e-6)
