@@ -1,9 +1,12 @@
 """Keep-masks from a PRNG key, with exact quantised keep probabilities.
 
-JAX's default generator (threefry) spends one full hash on every 32-bit word
-it returns, and ``jax.random.bernoulli`` draws one word per element. Here one
-32-bit word feeds ``32 // bits`` elements: with ``bits=8`` a quarter of the
-hashes, which is what makes dropout several times cheaper on CPU.
+JAX's default generator (threefry) spends a 20-round hash on every pair of
+32-bit words, and ``jax.random.bernoulli`` draws one word per element: on CPU
+the random numbers cost several times the memory traffic of the layer. Here
+threefry only derives a 64-bit seed from the key; the words are a keyed counter
+hash (two xorshift-multiply bijections of the word's index, a few integer
+operations per word), and one 32-bit word feeds ``32 // bits`` elements. Both
+changes together make dropout memory-bound (BENCHMARKS.md).
 
 An element is kept when its ``bits``-bit uniform integer ``u`` satisfies
 ``u < k``, where ``k = round((1 - rate) * 2**bits)``. The keep probability is
@@ -12,6 +15,11 @@ so that ``E[y] = x`` holds exactly. The drop rate actually used is ``rate``
 rounded to a multiple of ``2**-bits`` (1/256 for 8 bits, 1/65536 for 16 bits;
 32 bits is the full-precision option, where the float32 rate sets the
 resolution).
+
+The hash (constants from Wellons' hash-prospector, chosen there for low avalanche
+bias) is not cryptographic; a dropout mask needs uniform, independent bits, and
+``tests/test_masks.py`` checks those: every bit position, every 16-bit value, byte
+pairs, correlations at power-of-two distances and between neighbouring keys.
 """
 
 from __future__ import annotations
@@ -24,15 +32,45 @@ from jax import lax
 
 MASK_BITS = (8, 16, 32)
 _UINT = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
+_MAX_HASH_WORDS = 2**32  # the word index is a uint32
+
+
+def _mix(h: jax.Array, m1: int, m2: int, s3: int) -> jax.Array:
+    """A bijection of uint32 with near-ideal avalanche (xorshift-multiply, hash-prospector)."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(m1)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(m2)
+    return h ^ (h >> s3)
+
+
+def random_words(key: jax.Array, n: int) -> jax.Array:
+    """``n`` uniform uint32 words from ``key``: a keyed hash of the word's index.
+
+    ``jax.random.bits`` (threefry) derives a 64-bit seed ``(k0, k1)`` from the key;
+    word ``i`` is ``g(f(i ^ k0) + k1)`` with ``f`` and ``g`` two xorshift-multiply
+    bijections of uint32. Counter-based like threefry (any word computes on its own,
+    so sharded and vmapped calls work unchanged), but a few integer operations per
+    word instead of threefry's 20 rounds: on CPU, 4M words take 0.4 ms against 28 ms
+    (BENCHMARKS.md). Not cryptographic, and not needed to be: ``tests/test_masks.py``
+    checks uniformity, neighbour and shared-word independence, and independence
+    across keys. Beyond 2**32 words the index would wrap, so threefry takes over.
+    """
+    if n > _MAX_HASH_WORDS:
+        return jax.random.bits(key, (n,), jnp.uint32)
+    k = jax.random.bits(key, (2,), jnp.uint32)
+    i = lax.iota(jnp.uint32, n)
+    h = _mix(i ^ k[0], 0x7FEB352D, 0x846CA68B, 16)
+    return _mix(h + k[1], 0x21F0AAAD, 0xD35A2D97, 15)
 
 
 def uniform_bits(key: jax.Array, shape: tuple[int, ...], bits: int) -> jax.Array:
-    """Uniform unsigned integers of ``bits`` bits, shape ``shape``, cut from 32-bit draws."""
-    if bits == 32:
-        return jax.random.bits(key, shape, jnp.uint32)
+    """Uniform unsigned integers of ``bits`` bits, shape ``shape``, cut from 32-bit words."""
     n = math.prod(shape)
+    if bits == 32:
+        return random_words(key, n).reshape(shape)
     per_word = 32 // bits
-    words = jax.random.bits(key, (-(-n // per_word),), jnp.uint32)
+    words = random_words(key, -(-n // per_word))
     parts = lax.bitcast_convert_type(words, _UINT[bits])  # (words, per_word)
     return parts.reshape(-1)[:n].reshape(shape)
 

@@ -1,13 +1,17 @@
 """Statistical tests of the keep-masks in ``dropnorm._masks``.
 
-The masks cut 32-bit threefry words into 8- or 16-bit uniform integers, so one
-word feeds several elements. These tests check what that must not break: the
-drop fraction (within binomial bounds of the *quantised* rate), uniformity of
-the cut integers, no correlation between neighbours or between the elements that
-share one random word, and the exact quantised keep probability that makes
-``E[y] = x``. Keys are fixed, so every test is deterministic; the bounds are
-six standard deviations (a correct sampler falls outside with probability
-< 2e-9), while each bug they guard against moves the statistic by far more.
+The masks cut 32-bit words into 8- or 16-bit uniform integers, so one word feeds
+several elements, and the words come from a keyed counter hash seeded by
+threefry rather than from threefry itself. These tests check what that must not
+break: uniform words (every bit position, every 16-bit value, pairs of bytes),
+no correlation between words at power-of-two distances (the counter's structure)
+or between words of neighbouring keys, the drop fraction (within binomial bounds
+of the *quantised* rate), uniformity of the cut integers, no correlation between
+neighbours or between the elements that share one random word, and the exact
+quantised keep probability that makes ``E[y] = x``. Keys are fixed, so every
+test is deterministic; the bounds are six standard deviations (a correct sampler
+falls outside with probability < 2e-9), while each bug they guard against moves
+the statistic by far more.
 """
 
 from __future__ import annotations
@@ -36,6 +40,69 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 def _corr_bound(n: int) -> float:
     # The sample correlation of n independent pairs has standard deviation ~ 1 / sqrt(n).
     return Z / math.sqrt(n)
+
+
+def _bit_planes(words: np.ndarray) -> np.ndarray:
+    """(n, 32) float64 array of the words' bits."""
+    w = words.astype(np.uint64)
+    return ((w[:, None] >> np.arange(32, dtype=np.uint64)) & np.uint64(1)).astype(np.float64)
+
+
+def _chi2_z(values: np.ndarray, cells: int) -> float:
+    """Chi-square statistic of uniform ``values`` in ``range(cells)``, in standard deviations."""
+    counts = np.bincount(values, minlength=cells)
+    expected = len(values) / cells
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    return (chi2 - (cells - 1)) / math.sqrt(2 * (cells - 1))
+
+
+def test_every_bit_of_the_words_is_fair():
+    bits = _bit_planes(np.asarray(_masks.random_words(jax.random.key(21), N)))
+    sd = 0.5 / math.sqrt(N)
+    assert np.all(np.abs(bits.mean(0) - 0.5) < Z * sd), bits.mean(0)
+
+
+@pytest.mark.parametrize("lag", [1, 2, 3, 4, 8, 64, 1024, 1 << 16])
+def test_no_correlation_between_words_at_power_of_two_distances(lag):
+    # Word i hashes the counter i ^ k0: counters 2**j apart differ in few bits, so these
+    # lags are where a weak mixing function would leave a trace. Every bit position.
+    bits = _bit_planes(np.asarray(_masks.random_words(jax.random.key(22), N)))
+    for b in range(32):
+        r = _corr(bits[:-lag, b], bits[lag:, b])
+        assert abs(r) < _corr_bound(N - lag), (lag, b, r)
+
+
+def test_sixteen_bit_values_and_byte_pairs_are_uniform():
+    n = 1 << 24  # 256 expected per cell of 65536
+    u16 = np.asarray(_masks.uniform_bits(jax.random.key(23), (n,), 16)).astype(np.int64)
+    assert abs(_chi2_z(u16, 1 << 16)) < Z
+    u8 = np.asarray(_masks.uniform_bits(jax.random.key(24), (n,), 8)).astype(np.int64)
+    assert abs(_chi2_z(u8[0::2] * 256 + u8[1::2], 1 << 16)) < Z  # pairs within a word
+    assert abs(_chi2_z(u8[3:-1:4] * 256 + u8[4::4], 1 << 16)) < Z  # pairs across two words
+
+
+@pytest.mark.parametrize("keys", ["fold_in", "seeds"])
+def test_words_of_neighbouring_keys_are_uncorrelated(keys):
+    if keys == "fold_in":
+        base = jax.random.key(25)
+        k1, k2 = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
+    else:
+        k1, k2 = jax.random.key(0), jax.random.key(1)
+    a = _bit_planes(np.asarray(_masks.random_words(k1, N)))
+    b = _bit_planes(np.asarray(_masks.random_words(k2, N)))
+    for i in range(0, 32, 5):
+        for j in range(0, 32, 5):
+            assert abs(_corr(a[:, i], b[:, j])) < _corr_bound(N), (i, j)
+
+
+def test_more_words_than_the_counter_holds_fall_back_to_threefry(monkeypatch):
+    # 2**32 words do not fit in memory here; lower the limit to exercise the fallback path.
+    key = jax.random.key(26)
+    monkeypatch.setattr(_masks, "_MAX_HASH_WORDS", 1000)
+    np.testing.assert_array_equal(np.asarray(_masks.random_words(key, 1001)),
+                                  np.asarray(jax.random.bits(key, (1001,), jnp.uint32)))
+    hashed = np.asarray(_masks.random_words(key, 1000))
+    assert not np.array_equal(hashed, np.asarray(jax.random.bits(key, (1000,), jnp.uint32)))
 
 
 @pytest.mark.parametrize("bits", [8, 16, 32])
