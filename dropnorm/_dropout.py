@@ -118,7 +118,7 @@ def _random_map(fn, kind, key, x, rate, train, broadcast_dims, mask_bits):
     return lax.cond(train, drop, lambda x: x, x)
 
 
-def dropout(key, x, rate, train, *, broadcast_dims=(), mask_bits: int = 8) -> jax.Array:
+def dropout(key, x, rate, train, *, broadcast_dims=(), mask_bits: int = 16) -> jax.Array:
     """Inverted dropout: drop each element with probability ``rate``, scale the rest.
 
     ``y = x * keep / p`` with ``keep ~ Bernoulli(p)``, ``p = 1 - rate``, so that
@@ -127,10 +127,13 @@ def dropout(key, x, rate, train, *, broadcast_dims=(), mask_bits: int = 8) -> ja
 
     The keep probability is quantised to ``2**-mask_bits``: ``p = k / 2**mask_bits``
     with ``k = round((1 - rate) * 2**mask_bits)``, and kept values are scaled by
-    exactly ``1 / p``, so ``E[y] = x`` holds exactly. With the default 8 bits a
-    rate of 0.1 drops 26/256 = 10.16% of elements; use ``mask_bits=16`` or ``32``
-    when the rate must be finer. Fewer bits are faster: one 32-bit random word
-    feeds ``32 // mask_bits`` elements.
+    exactly ``1 / p``, so ``E[y] = x`` holds exactly. With the default 16 bits a
+    rate of 0.1 drops 6554/65536 = 10.0006% of elements; ``mask_bits=32`` is
+    finer still (the float32 rate's own resolution), ``mask_bits=8`` coarser
+    (rate 0.1 drops 26/256 = 10.16%). One 32-bit random word feeds
+    ``32 // mask_bits`` elements; the words come from a cheap keyed hash
+    (``dropnorm._masks``), so on CPU 16 and 32 bits cost the same and 8 bits is
+    slower, its byte-cutting being compiled less well (BENCHMARKS.md).
 
     Args:
       key: a PRNG key (``jax.random.key(seed)``); may be None when ``train`` is False.
@@ -143,7 +146,7 @@ def dropout(key, x, rate, train, *, broadcast_dims=(), mask_bits: int = 8) -> ja
         accepted (the choice is made with ``lax.cond``).
       broadcast_dims: axes along which one mask value is shared (spatial or
         variational dropout, e.g. ``(1, 2)`` for NHWC feature maps).
-      mask_bits: 8, 16 or 32: the resolution of the keep probability.
+      mask_bits: 8, 16 or 32: the resolution of the keep probability (default 16).
 
     Returns:
       The array after dropout. Rate 1 gives zeros and zero gradients (never NaN).
@@ -170,7 +173,7 @@ def dropout(key, x, rate, train, *, broadcast_dims=(), mask_bits: int = 8) -> ja
     return _random_map("dropout", "dropout", key, x, rate, train, broadcast_dims, mask_bits)
 
 
-def alpha_dropout(key, x, rate, train, *, broadcast_dims=(), mask_bits: int = 8) -> jax.Array:
+def alpha_dropout(key, x, rate, train, *, broadcast_dims=(), mask_bits: int = 16) -> jax.Array:
     """Alpha dropout for self-normalising (SELU) networks.
 
     Dropped units are set to SELU's negative saturation value
@@ -218,7 +221,7 @@ def gaussian_dropout(key, x, rate, train, *, broadcast_dims=()) -> jax.Array:
     return _random_map("gaussian_dropout", "gaussian", key, x, rate, train, broadcast_dims, 32)
 
 
-def drop_path(key, x, rate, train, *, mask_bits: int = 8) -> jax.Array:
+def drop_path(key, x, rate, train, *, mask_bits: int = 16) -> jax.Array:
     """Stochastic depth: drop whole examples (axis 0) of a residual branch.
 
     Each example's slice ``x[i]`` is zeroed with probability ``rate`` and the

@@ -18,9 +18,9 @@ and their family, which is where every difference from Flax comes from:
   accepted and ignored), so results differ from Flax's default by rounding, and
   stay right when ``|mean| >> std`` where Flax's lose all precision;
 * ``rate`` and ``deterministic`` / ``use_running_average`` may be traced;
-* dropout's keep probability is quantised to ``2**-mask_bits`` (8 bits by
-  default; the kept values are scaled by exactly its inverse, so ``E[y] = x``),
-  and the masks differ from Flax's for the same key;
+* dropout's keep probability is quantised to ``2**-mask_bits`` (16 bits by
+  default: rate 0.1 drops 10.0006%; the kept values are scaled by exactly its
+  inverse, so ``E[y] = x``), and the masks differ from Flax's for the same key;
 * a feature whose elements are all masked out keeps its running statistics
   (Flax writes NaN into them), and training on a single value per feature is an
   error (Flax silently normalises it to 0);
@@ -291,8 +291,8 @@ class Dropout(_RandomBase):
     arithmetic is :func:`dropnorm.dropout`'s.
 
     Differences from Flax: ``rate`` and ``deterministic`` may be traced (Flax
-    raises); the keep probability is quantised to ``2**-mask_bits`` (set
-    ``mask_bits=16`` or ``32`` for finer rates); the masks differ from Flax's
+    raises); the keep probability is quantised to ``2**-mask_bits`` (default
+    16 bits; ``mask_bits=32`` for finer rates); the masks differ from Flax's
     for the same key; gradients at a traced rate of 1 are zeros, not NaN.
 
     Attributes:
@@ -300,7 +300,7 @@ class Dropout(_RandomBase):
       broadcast_dims: axes that share one mask value.
       deterministic: True to return the input unchanged.
       rng_collection: the RNG stream to draw keys from.
-      mask_bits: 8, 16 or 32: the resolution of the keep probability (extra).
+      mask_bits: 8, 16 or 32: the resolution of the keep probability (extra; default 16).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -322,7 +322,7 @@ class Dropout(_RandomBase):
     broadcast_dims: Sequence[int] = ()
     deterministic: bool | None = None
     rng_collection: str = "dropout"
-    mask_bits: int = 8
+    mask_bits: int = 16
 
     _pure_fn = staticmethod(dropout)
     _flax_rate_one = True
@@ -416,7 +416,7 @@ class DropPath(_RandomBase):
     rate: float
     deterministic: bool | None = None
     rng_collection: str = "dropout"
-    mask_bits: int = 8
+    mask_bits: int = 16
 
     _pure_fn = staticmethod(drop_path)
 

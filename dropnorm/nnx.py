@@ -279,7 +279,7 @@ class Dropout(nnx.Module):
 
     Differences from Flax: ``rate`` and ``deterministic`` may be traced; the
     keep probability is quantised to ``2**-mask_bits`` (extra keyword, default
-    8); the masks differ from Flax's for the same key.
+    16); the masks differ from Flax's for the same key.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -303,7 +303,7 @@ class Dropout(nnx.Module):
 
     def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
                  deterministic: bool | None = False, rng_collection: str = "dropout",
-                 rngs: rnglib.Rngs | rnglib.RngStream | None = None, mask_bits: int = 8):
+                 rngs: rnglib.Rngs | rnglib.RngStream | None = None, mask_bits: int = 16):
         self.rate = rate
         self.broadcast_dims = broadcast_dims
         self.deterministic = deterministic
@@ -438,7 +438,7 @@ class DropPath(Dropout):
 
     def __init__(self, rate: float, *, deterministic: bool | None = False,
                  rng_collection: str = "dropout",
-                 rngs: rnglib.Rngs | rnglib.RngStream | None = None, mask_bits: int = 8):
+                 rngs: rnglib.Rngs | rnglib.RngStream | None = None, mask_bits: int = 16):
         super().__init__(rate, deterministic=deterministic, rng_collection=rng_collection,
                          rngs=rngs, mask_bits=mask_bits)
 

@@ -40,7 +40,7 @@ def test_quantisation_at_8_bits_is_real_and_16_bits_removes_it():
     # 0.1 is 0.0016, about 8 standard deviations (sd = sqrt(0.09 / 2e6) = 2.1e-4).
     n = 2_000_000
     x = jnp.ones((n,), jnp.float32)
-    dropped8 = int((np.asarray(dropnorm.dropout(KEY, x, 0.1, True)) == 0).sum())
+    dropped8 = int((np.asarray(dropnorm.dropout(KEY, x, 0.1, True, mask_bits=8)) == 0).sum())
     assert quantised_keep(0.1, 8) == 230 / 256
     lo, hi = binomial_bounds(n, 26 / 256, z=4.0)
     assert lo <= dropped8 <= hi
@@ -48,6 +48,17 @@ def test_quantisation_at_8_bits_is_real_and_16_bits_removes_it():
     dropped16 = int((np.asarray(dropnorm.dropout(KEY, x, 0.1, True, mask_bits=16)) == 0).sum())
     lo, hi = binomial_bounds(n, 1 - quantised_keep(0.1, 16), z=4.0)
     assert lo <= dropped16 <= hi
+    assert quantised_keep(0.1, 16) == 58982 / 65536  # drops 6554/65536 = 10.0006%
+
+
+def test_default_is_sixteen_bits():
+    x = random_normal((4096,), seed=3)
+    for fn in (dropnorm.dropout, dropnorm.alpha_dropout):
+        np.testing.assert_array_equal(np.asarray(fn(KEY, x, 0.3, True)),
+                                      np.asarray(fn(KEY, x, 0.3, True, mask_bits=16)))
+    xb = random_normal((512, 4), seed=4)
+    np.testing.assert_array_equal(np.asarray(dropnorm.drop_path(KEY, xb, 0.3, True)),
+                                  np.asarray(dropnorm.drop_path(KEY, xb, 0.3, True, mask_bits=16)))
 
 
 @pytest.mark.parametrize("rate", [0.2, 0.5, 0.9])
@@ -58,7 +69,7 @@ def test_inverted_scaling_mean_equals_x(rate):
     keys = jax.random.split(jax.random.key(1), 4000)
     x = random_normal((64,), seed=1) + 3.0
     ys = jax.vmap(lambda k: dropnorm.dropout(k, x, rate, True))(keys)
-    p = quantised_keep(rate, 8)
+    p = quantised_keep(rate, 16)
     ratio = np.asarray(ys.mean(0) / x, np.float64)
     sd = math.sqrt((1 - p) / (p * keys.shape[0]))
     assert np.max(np.abs(ratio - 1.0)) < 6 * sd, (np.max(np.abs(ratio - 1.0)), sd)
@@ -160,7 +171,7 @@ def test_broadcast_dims_drop_fraction_counts_mask_entries():
     x = jnp.ones((3, 2048, 5))
     y = np.asarray(dropnorm.dropout(KEY, x, 0.25, True, broadcast_dims=(0, 2)))
     kept = int((y[0, :, 0] != 0).sum())
-    lo, hi = binomial_bounds(2048, quantised_keep(0.25, 8))
+    lo, hi = binomial_bounds(2048, quantised_keep(0.25, 16))
     assert lo <= kept <= hi
 
 
@@ -171,14 +182,17 @@ def test_dtype_is_preserved_and_kept_values_are_x_over_p(dtype):
         for rate in (0.3, 0.75):
             y = dropnorm.dropout(KEY, x, rate, True)
             assert y.dtype == jnp.dtype(dtype)
-            p = quantised_keep(rate, 8)
+            p = quantised_keep(rate, 16)
             kept = np.asarray(y != 0)
             # x / p, exact in float64. The multiplier 1/p is rounded to float32 (float64 for
-            # float64 x) and the product rounded to dtype: within 1 ulp of dtype (rtol = eps).
+            # float64 x) and the product rounded to dtype: within 1 ulp of dtype (rtol = eps),
+            # where for subnormal results (float16 below 6.1e-5) the ulp is the smallest
+            # subnormal, the atol.
             want = np.asarray(x).astype(np.float64) / p
             eps = float(jnp.finfo(dtype).eps)
+            tiny = float(jnp.finfo(dtype).smallest_subnormal)
             np.testing.assert_allclose(np.asarray(y)[kept].astype(np.float64), want[kept],
-                                       rtol=eps, atol=0)
+                                       rtol=eps, atol=tiny)
             assert 0 < kept.mean() < 1
 
 
