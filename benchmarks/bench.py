@@ -25,6 +25,10 @@ passes = 2 (dropout fwd), 4 (dropout vjp: read x, write y, read dy, write dx), 3
 norm fwd: statistics, read x, write y) and 8 (batch norm vjp). ``floor%`` is floor time
 over measured time (100% = at the floor).
 
+Full runs also time dropnorm's dropout with the two other backward-pass memory policies
+(keeping a bit-packed or a bool mask instead of regenerating it from the key) and with
+8- and 32-bit masks instead of the default 16; ``--quick`` leaves these out.
+
 Residual bytes per element are the arrays the ``jax.vjp`` closure holds (what reverse mode
 keeps for the backward pass). The 12-layer figure is the compiled temp memory
 (``jit(...).lower(...).compile().memory_analysis()``) of a bf16 training step of
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import math
 import platform
@@ -80,8 +85,18 @@ def _dropout_layers() -> dict[str, Callable]:
         # built inside the traced function, as nnx code under jax.jit sees it after merge
         return nnx.Dropout(RATE, rngs=nnx.Rngs(dropout=key))(x, deterministic=False)
 
+    def bits(b):
+        return lambda x, scale, bias, key: dropnorm.dropout(key, x, RATE, True, mask_bits=b)
+
     return {"dropnorm": ours, "flax.linen": flax_linen, "flax.nnx": flax_nnx,
-            "packed bits": _dropout_packed, "bool mask": _dropout_bool}
+            "packed bits": _dropout_packed, "bool mask": _dropout_bool,
+            "8-bit masks": bits(8), "32-bit masks": bits(32)}
+
+
+# Contenders beside the main three, timed in full runs only (--quick leaves them out).
+POLICIES = ("packed bits", "bool mask")  # backward-pass memory policies: vjp and loss only
+BIT_VARIANTS = ("8-bit masks", "32-bit masks")  # other mask resolutions: every mode
+BITS = inspect.signature(dropnorm.dropout).parameters["mask_bits"].default  # dropnorm's default
 
 
 # The two other memory policies for dropout's backward pass, for comparison with dropnorm's
@@ -90,12 +105,12 @@ _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def _mask(key, shape):
-    return _masks.keep_mask(key, shape, _masks.keep_threshold(RATE, 8), 8)
+    return _masks.keep_mask(key, shape, _masks.keep_threshold(RATE, BITS), BITS)
 
 
 def _apply_mask(x, keep):
-    k = _masks.keep_threshold(RATE, 8)
-    scale = jnp.asarray(_masks.inverse_keep(k, 8), jnp.promote_types(x.dtype, jnp.float32))
+    k = _masks.keep_threshold(RATE, BITS)
+    scale = jnp.asarray(_masks.inverse_keep(k, BITS), jnp.promote_types(x.dtype, jnp.float32))
     return jnp.where(keep, x * scale, 0).astype(x.dtype)
 
 
@@ -292,7 +307,8 @@ def run(shapes, repeats: int, ops, modes, layer_shape, policies: bool = True) ->
                 layers = _dropout_layers() if op == "dropout" else _batch_norm_layers(c, dtype)
                 for mode in modes:
                     fns = {name: _modes(layer, op)[mode] for name, layer in layers.items()
-                           if name in MAIN or (mode != "fwd" and policies)}
+                           if name in MAIN or (policies and (
+                               name in BIT_VARIANTS or (name in POLICIES and mode != "fwd")))}
                     fns["copy"] = _copy
                     times = time_interleaved(fns, args, repeats)
                     copy_t = min(copy_t, statistics.median(times["copy"]))
@@ -383,6 +399,23 @@ def markdown(result: dict) -> str:
             out.append(f"| {shape} | {dtype} | {mode} | {g['ms']:.2f} | {p['ms']:.2f} "
                        f"| {b['ms']:.2f} | {g['linen_over_this'] / p['linen_over_this']:.2f} "
                        f"| {g['linen_over_this'] / b['linen_over_this']:.2f} |")
+        out.append("")
+    bit = {(tuple(r["shape"]), r["dtype"], r["mode"], r["impl"]): r
+           for r in rows if r["op"] == "dropout"}
+    if any(k[3] == "8-bit masks" for k in bit):
+        out += [f"### dropout mask resolution (ms; dropnorm's default is {BITS} bits)", "",
+                "| shape | dtype | mode | 8 bits | 16 bits | 32 bits | 8 / 16 | 32 / 16 |",
+                "|---|---|---|---:|---:|---:|---:|---:|"]
+        order = [tuple(r["shape"]) for r in rows]
+        cells = sorted({k[:3] for k in bit if k[3] == "8-bit masks"}, key=lambda k: (
+            order.index(k[0]), k[1] != "f32", ("fwd", "vjp", "loss").index(k[2])))
+        for shape, dtype, mode in cells:
+            e, d, t = (bit[(shape, dtype, mode, n)] for n in ("8-bit masks", "dropnorm",
+                                                               "32-bit masks"))
+            # ratios of times, from the per-round ratios to flax.linen (same rounds)
+            out.append(f"| {shape} | {dtype} | {mode} | {e['ms']:.2f} | {d['ms']:.2f} "
+                       f"| {t['ms']:.2f} | {d['linen_over_this'] / e['linen_over_this']:.2f} "
+                       f"| {d['linen_over_this'] / t['linen_over_this']:.2f} |")
         out.append("")
     copies = [r for r in rows if r["op"] == "copy"]
     if copies:
