@@ -232,6 +232,28 @@ def time_interleaved(fns: dict[str, Callable], args, repeats: int) -> dict[str, 
     return times
 
 
+def time_random_words(shapes, repeats: int) -> list[dict]:
+    """The raw bits of a default (16-bit) mask of each shape: threefry against dropnorm's hash.
+
+    ``jax.random.bits`` is what a threefry-based mask would draw for the same number of
+    32-bit words; ``_masks.random_words`` is dropnorm's keyed counter hash.
+    """
+    out = []
+    for shape in shapes:
+        n = -(-math.prod(shape) * BITS // 32)
+        fns = {"threefry": lambda key, n=n: jax.random.bits(key, (n,), jnp.uint32),
+               "dropnorm": lambda key, n=n: _masks.random_words(key, n)}
+        times = time_interleaved(fns, (jax.random.key(4),), repeats)
+        t3, th = (statistics.median(times[k]) for k in ("threefry", "dropnorm"))
+        ratio = statistics.median(a / b for a, b in zip(times["threefry"], times["dropnorm"],
+                                                        strict=True))
+        out.append({"shape": list(shape), "words": n, "threefry_ms": t3 * 1e3,
+                    "dropnorm_ms": th * 1e3, "threefry_over_dropnorm": ratio})
+        print(f"random words {n:>10d}: threefry {t3 * 1e3:8.3f} ms, dropnorm {th * 1e3:7.3f} ms, "
+              f"ratio {ratio:6.1f}", flush=True)
+    return out
+
+
 def residual_bytes_per_element(fn: Callable, x, *rest) -> float:
     _, back = jax.vjp(fn, x, *rest)
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(back)) / x.size
@@ -417,6 +439,14 @@ def markdown(result: dict) -> str:
                        f"| {t['ms']:.2f} | {d['linen_over_this'] / e['linen_over_this']:.2f} "
                        f"| {d['linen_over_this'] / t['linen_over_this']:.2f} |")
         out.append("")
+    words = result.get("random_words")
+    if words:
+        out += [f"### random words: the raw bits of one {BITS}-bit mask (ms)", "",
+                "| mask shape | 32-bit words | threefry (`jax.random.bits`) | dropnorm's hash "
+                "| threefry / hash |", "|---|---:|---:|---:|---:|"]
+        out += [f"| {tuple(w['shape'])} | {w['words']} | {w['threefry_ms']:.2f} "
+                f"| {w['dropnorm_ms']:.2f} | {w['threefry_over_dropnorm']:.1f} |" for w in words]
+        out.append("")
     copies = [r for r in rows if r["op"] == "copy"]
     if copies:
         out += ["### copy `x * 2` (the bandwidth reference)", "",
@@ -468,6 +498,8 @@ def main(argv=None) -> int:
     print(json.dumps({k: v for k, v in info.items() if k != "lscpu"}))
     # --quick leaves out the two alternative dropout memory policies (to stay under a minute)
     result = run(shapes, repeats, ops, modes, layer_shape=(256, 64), policies=not args.quick)
+    if "dropout" in ops:
+        result["random_words"] = time_random_words(shapes, repeats)
     batch, width = (256, 128) if args.quick else (512, 256)
     flax_t = twelve_layer_temp_bytes(nn.BatchNorm, nn.Dropout, batch, width)
     ours_t = twelve_layer_temp_bytes(dl.BatchNorm, dl.Dropout, batch, width)
