@@ -51,8 +51,9 @@ def random_words(key: jax.Array, n: int) -> jax.Array:
     word ``i`` is ``g(f(i ^ k0) + k1)`` with ``f`` and ``g`` two xorshift-multiply
     bijections of uint32. Counter-based like threefry (any word computes on its own,
     so sharded and vmapped calls work unchanged), but a few integer operations per
-    word instead of threefry's 20 rounds: on CPU, 4M words take 0.4 ms against 28 ms
-    (BENCHMARKS.md). Not cryptographic, and not needed to be: ``tests/test_masks.py``
+    word instead of threefry's 20 rounds: on CPU, 8.4M words take 3.3 ms against
+    57 ms (BENCHMARKS.md, run 8, table "random words"), and inside dropout the words
+    are never written to memory. Not cryptographic, and not needed to be: ``tests/test_masks.py``
     checks uniformity, neighbour and shared-word independence, and independence
     across keys. Beyond 2**32 words the index would wrap, so threefry takes over.
     """
