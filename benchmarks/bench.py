@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import math
 import platform
@@ -96,7 +95,7 @@ def _dropout_layers() -> dict[str, Callable]:
 # Contenders beside the main three, timed in full runs only (--quick leaves them out).
 POLICIES = ("packed bits", "bool mask")  # backward-pass memory policies: vjp and loss only
 BIT_VARIANTS = ("8-bit masks", "32-bit masks")  # other mask resolutions: every mode
-BITS = inspect.signature(dropnorm.dropout).parameters["mask_bits"].default  # dropnorm's default
+BITS = _masks.DEFAULT_BITS  # dropnorm's default
 
 
 # The two other memory policies for dropout's backward pass, for comparison with dropnorm's

@@ -32,7 +32,7 @@ def check_rate(rate: Any, fn: str, name: str = "rate") -> float | jax.Array:
 
     Returns a Python float when ``rate`` is concrete and a float32 scalar when it
     is traced. A concrete rate must lie in [0, 1]; a traced one must be a real
-    scalar (its range is checked where it is used: see ``invalid_rate``).
+    scalar (its range is checked where it is used: see ``in_unit_interval``).
     """
     if is_traced(rate):
         return traced_real_scalar(rate, fn, name)
@@ -59,9 +59,9 @@ def check_rate(rate: Any, fn: str, name: str = "rate") -> float | jax.Array:
     return value
 
 
-def invalid_rate(rate: jax.Array) -> jax.Array:
-    """For a traced rate: True where it is NaN or outside [0, 1]."""
-    return ~((rate >= 0.0) & (rate <= 1.0))
+def in_unit_interval(value: jax.Array) -> jax.Array:
+    """For a traced rate or momentum: False where it is NaN or outside [0, 1]."""
+    return (value >= 0.0) & (value <= 1.0)
 
 
 def check_train(train: Any, fn: str, name: str = "train") -> bool | jax.Array:
@@ -169,7 +169,7 @@ def check_momentum(momentum: Any, fn: str, allow_none: bool = False) -> float | 
         return None
     if is_traced(momentum):
         m = traced_real_scalar(momentum, fn, "momentum")
-        return poison_unless((m >= 0.0) & (m <= 1.0), m)
+        return poison_unless(in_unit_interval(m), m)
     value = real_scalar(momentum)
     if not (0.0 <= value <= 1.0):
         extra = " or None (cumulative average, PyTorch's momentum=None)" if allow_none else ""

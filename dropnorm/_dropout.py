@@ -74,7 +74,7 @@ def _apply(x, key, rate, static: _Static, with_offset: bool):
         y = y + c.astype(cdt)
     if static.rate is None:
         # A traced rate cannot raise: an invalid one (NaN, < 0, > 1) poisons the output.
-        y = jnp.where(_checks.invalid_rate(rate), jnp.nan, y)
+        y = _checks.poison_unless(_checks.in_unit_interval(rate), y)
     return y.astype(x.dtype)
 
 
@@ -118,7 +118,8 @@ def _random_map(fn, kind, key, x, rate, train, broadcast_dims, mask_bits):
     return lax.cond(train, drop, lambda x: x, x)
 
 
-def dropout(key, x, rate, train, *, broadcast_dims=(), mask_bits: int = 16) -> jax.Array:
+def dropout(key, x, rate, train, *, broadcast_dims=(),
+            mask_bits: int = _masks.DEFAULT_BITS) -> jax.Array:
     """Inverted dropout: drop each element with probability ``rate``, scale the rest.
 
     ``y = x * keep / p`` with ``keep ~ Bernoulli(p)``, ``p = 1 - rate``, so that
@@ -173,7 +174,8 @@ def dropout(key, x, rate, train, *, broadcast_dims=(), mask_bits: int = 16) -> j
     return _random_map("dropout", "dropout", key, x, rate, train, broadcast_dims, mask_bits)
 
 
-def alpha_dropout(key, x, rate, train, *, broadcast_dims=(), mask_bits: int = 16) -> jax.Array:
+def alpha_dropout(key, x, rate, train, *, broadcast_dims=(),
+                  mask_bits: int = _masks.DEFAULT_BITS) -> jax.Array:
     """Alpha dropout for self-normalising (SELU) networks.
 
     Dropped units are set to SELU's negative saturation value
@@ -221,7 +223,7 @@ def gaussian_dropout(key, x, rate, train, *, broadcast_dims=()) -> jax.Array:
     return _random_map("gaussian_dropout", "gaussian", key, x, rate, train, broadcast_dims, 32)
 
 
-def drop_path(key, x, rate, train, *, mask_bits: int = 16) -> jax.Array:
+def drop_path(key, x, rate, train, *, mask_bits: int = _masks.DEFAULT_BITS) -> jax.Array:
     """Stochastic depth: drop whole examples (axis 0) of a residual branch.
 
     Each example's slice ``x[i]`` is zeroed with probability ``rate`` and the

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 MASK_BITS = (8, 16, 32)
+DEFAULT_BITS = 16  # every dropout-family function and module defaults to this (BENCHMARKS.md)
 _UINT = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
 _MAX_HASH_WORDS = 2**32  # the word index is a uint32
 

@@ -44,6 +44,7 @@ from jax.nn import initializers
 from dropnorm import _checks
 from dropnorm._batch_norm import BatchNormParams, BatchNormState, batch_norm, batch_renorm
 from dropnorm._dropout import alpha_dropout, drop_path, dropout, gaussian_dropout
+from dropnorm._masks import DEFAULT_BITS
 
 __all__ = ["AlphaDropout", "BatchNorm", "BatchRenorm", "DropPath", "Dropout", "GaussianDropout"]
 
@@ -322,7 +323,7 @@ class Dropout(_RandomBase):
     broadcast_dims: Sequence[int] = ()
     deterministic: bool | None = None
     rng_collection: str = "dropout"
-    mask_bits: int = 16
+    mask_bits: int = DEFAULT_BITS
 
     _pure_fn = staticmethod(dropout)
     _flax_rate_one = True
@@ -416,7 +417,7 @@ class DropPath(_RandomBase):
     rate: float
     deterministic: bool | None = None
     rng_collection: str = "dropout"
-    mask_bits: int = 16
+    mask_bits: int = DEFAULT_BITS
 
     _pure_fn = staticmethod(drop_path)
 

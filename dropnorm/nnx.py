@@ -49,6 +49,7 @@ from flax.nnx.nn import dtypes, initializers
 from dropnorm import _checks
 from dropnorm._batch_norm import BatchNormParams, BatchNormState, batch_norm, batch_renorm
 from dropnorm._dropout import alpha_dropout, drop_path, dropout, gaussian_dropout
+from dropnorm._masks import DEFAULT_BITS
 
 __all__ = ["AlphaDropout", "BatchNorm", "BatchRenorm", "DropPath", "Dropout", "GaussianDropout"]
 
@@ -303,7 +304,7 @@ class Dropout(nnx.Module):
 
     def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
                  deterministic: bool | None = False, rng_collection: str = "dropout",
-                 rngs: rnglib.Rngs | rnglib.RngStream | None = None, mask_bits: int = 16):
+                 rngs: rnglib.Rngs | rnglib.RngStream | None = None, mask_bits: int = DEFAULT_BITS):
         self.rate = rate
         self.broadcast_dims = broadcast_dims
         self.deterministic = deterministic
@@ -438,7 +439,7 @@ class DropPath(Dropout):
 
     def __init__(self, rate: float, *, deterministic: bool | None = False,
                  rng_collection: str = "dropout",
-                 rngs: rnglib.Rngs | rnglib.RngStream | None = None, mask_bits: int = 16):
+                 rngs: rnglib.Rngs | rnglib.RngStream | None = None, mask_bits: int = DEFAULT_BITS):
         super().__init__(rate, deterministic=deterministic, rng_collection=rng_collection,
                          rngs=rngs, mask_bits=mask_bits)
 
