@@ -7,19 +7,19 @@ torch==2.13.0``, or the ``dropnorm[torch]`` extra).
 PyTorch's ``BatchNorm1d/2d/3d`` and ``dropnorm.batch_norm`` compute the same
 function once these conventions are translated:
 
-================================  =========================================
-PyTorch                           dropnorm
-================================  =========================================
-``weight``, ``bias``              ``BatchNormParams(scale, bias)``
-``running_mean``, ``running_var`` ``BatchNormState(mean, var, count)``
-``num_batches_tracked``           ``count``
-``momentum=m`` (default 0.1)      ``momentum=1 - m`` (0.9)
-``momentum=None``                 ``momentum=None`` (cumulative average)
-running var unbiased (n - 1)      ``unbiased_running_var=True``
-``eps`` (default 1e-5)            ``epsilon`` (default 1e-5)
-channels at dim 1 (NC, NCL, NCHW) ``axis=1``
-``affine=False``                  ``BatchNormParams(None, None)``
-================================  =========================================
+==================================  =========================================
+PyTorch                             dropnorm
+==================================  =========================================
+``weight``, ``bias``                ``BatchNormParams(scale, bias)``
+``running_mean``, ``running_var``   ``BatchNormState(mean, var, count)``
+``num_batches_tracked``             ``count``
+``momentum=m`` (default 0.1)        ``momentum=1 - m`` (0.9)
+``momentum=None``                   ``momentum=None`` (cumulative average)
+running var unbiased (n - 1)        ``unbiased_running_var=True``
+``eps`` (default 1e-5)              ``epsilon`` (default 1e-5)
+channels at dim 1 (NC, NCL, NCHW)   ``axis=1``
+``affine=False``                    ``BatchNormParams(None, None)``
+==================================  =========================================
 
 :func:`batch_norm_kwargs_from_torch` returns these keyword arguments for a
 given module. Flax linen's ``BatchNorm`` already shares dropnorm's conventions

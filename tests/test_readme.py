@@ -1,26 +1,43 @@
-"""The README's Python snippets run as written, and its two commands match CI."""
+"""The Python snippets of the README and of every documentation page run as written,
+and the README's two commands match CI."""
 
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+# Every Markdown page of the documentation site (docs/_build holds only build output).
+PAGES = sorted(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts)
 
 
-def _blocks(lang):
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+def _blocks(text, lang):
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
 
 
-def test_python_snippets_run():
-    blocks = _blocks("python")
-    assert blocks, "the README should have Python examples"
+def test_the_guides_are_pages_of_the_site():
+    names = {p.relative_to(ROOT / "docs").as_posix() for p in PAGES}
+    for guide in ["quickstart", "conventions", "why_we_differ", "linen", "nnx",
+                  "flax_differences", "scaling_out", "porting_pytorch", "family"]:
+        assert f"guides/{guide}.md" in names
+
+
+@pytest.mark.parametrize(
+    "page", [ROOT / "README.md", *PAGES], ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_python_snippets_run(page):
+    text = page.read_text()
+    blocks = _blocks(text, "python")
+    if page.name == "README.md" or page.parent.name == "guides":
+        if page.stem not in ("conventions", "why_we_differ", "flax_differences"):
+            assert blocks, f"{page.name} should have Python examples"
     for i, code in enumerate(blocks):
-        namespace = {"__name__": f"readme_block_{i}"}
-        exec(compile(code, f"README.md python block {i}", "exec"), namespace)
+        namespace = {"__name__": f"{page.stem}_block_{i}"}
+        exec(compile(code, f"{page.relative_to(ROOT)} python block {i}", "exec"), namespace)
 
 
 def test_readme_starts_with_exactly_two_commands_and_ci_runs_the_second():
-    bash = _blocks("bash")
+    bash = _blocks(README, "bash")
     # The first two code blocks of the README are the two commands, one line each.
     first_blocks = re.findall(r"```(\w*)\n(.*?)```", README, flags=re.S)[:2]
     assert [lang for lang, _ in first_blocks] == ["bash", "bash"]
