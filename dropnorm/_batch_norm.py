@@ -85,7 +85,8 @@ class _Layout(NamedTuple):
     stats_shape: tuple[int, ...]  # x's rank, 1 on reduction axes
 
 
-def _layout(fn, params, state, x, axis) -> _Layout:
+def _layout(caller, params, state, x, axis) -> _Layout:
+    fn = caller.fn
     feature_axes = _checks.normalize_axes(axis, x.ndim, fn)
     reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
@@ -96,11 +97,12 @@ def _layout(fn, params, state, x, axis) -> _Layout:
     for name, value in named:
         if value is not None and tuple(jnp.shape(value)) != feature_shape:
             init_arg = feature_shape[0] if len(feature_shape) == 1 else feature_shape
+            fix = caller.state_hint or f"create the state with batch_norm_init({init_arg})"
             raise ValueError(
-                f"{fn}: `x` has {math.prod(feature_shape)} features (shape {feature_shape} along "
-                f"axis {axis!r}, x.shape={tuple(x.shape)}) but `{name}` has shape "
-                f"{tuple(jnp.shape(value))} ({math.prod(jnp.shape(value))} features). Check "
-                f"`axis`, or create the state with batch_norm_init({init_arg})."
+                f"{fn}: `{caller.x_name}` has {math.prod(feature_shape)} features (shape "
+                f"{feature_shape} along axis {axis!r}, {caller.x_name}.shape={tuple(x.shape)}) "
+                f"but `{name}` has shape {tuple(jnp.shape(value))} "
+                f"({math.prod(jnp.shape(value))} features). Check `axis`, or {fix}."
             )
     return _Layout(feature_axes, reduction_axes, feature_shape, stats_shape)
 
@@ -225,15 +227,39 @@ def _check_mask(fn, mask, x):
     return jnp.broadcast_to(mask.astype(bool), x.shape)
 
 
-def _core(fn, params, state, x, train, *, axis, momentum, epsilon, mask, axis_name,
+def _check_params_state(fn, params, state):
+    """Catch ``batch_norm(state, params, ...)`` and other non-state arguments early."""
+    if isinstance(params, BatchNormState) or isinstance(state, BatchNormParams):
+        raise TypeError(
+            f"{fn}: `params` is a {type(params).__name__} and `state` a "
+            f"{type(state).__name__}: the two look swapped. The parameters come first: "
+            f"{fn}(params, state, x, train), as returned by batch_norm_init: "
+            f"`params, state = batch_norm_init(num_features)`."
+        )
+    if not all(hasattr(state, f) for f in BatchNormState._fields):
+        raise TypeError(
+            f"{fn}: `state` must be a BatchNormState(mean, var, count), e.g. from "
+            f"batch_norm_init(num_features); got {type(state).__name__}."
+        )
+    if params is not None and not all(hasattr(params, f) for f in BatchNormParams._fields):
+        raise TypeError(
+            f"{fn}: `params` must be a BatchNormParams(scale, bias) or None; got "
+            f"{type(params).__name__}."
+        )
+
+
+def _core(caller, params, state, x, train, *, axis, momentum, epsilon, mask, axis_name,
           axis_index_groups, virtual_batch_size, unbiased_running_var, dtype, renorm):
     """Shared body of batch_norm and batch_renorm. ``renorm`` is None or (r_max, d_max)."""
-    x = _checks.check_floating(x, fn)
+    caller = _checks.as_caller(caller)
+    fn = caller.fn
+    _check_params_state(fn, params, state)
+    x = _checks.check_floating(x, fn, caller.x_name)
     train = _checks.check_train(train, fn)
     momentum = _checks.check_momentum(momentum, fn, allow_none=True)
     epsilon = _checks.check_epsilon(epsilon, fn)
     check_axis_index_groups(axis_index_groups, check_axis_name(axis_name, fn), fn)
-    lay = _layout(fn, params, state, x, axis)
+    lay = _layout(caller, params, state, x, axis)
     out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
     dt = stats_dtype(x.dtype)
 
@@ -261,7 +287,8 @@ def _core(fn, params, state, x, train, *, axis, momentum, epsilon, mask, axis_na
             raise ValueError(f"{fn}: `virtual_batch_size` splits axis 0, the batch axis, but "
                              f"`axis`={axis!r} makes it a feature axis.")
         per_chunk = math.prod(x.shape[a] for a in lay.reduction_axes if a != 0) * v
-        if axis_name is None and x.shape[0] % v == 0 and per_chunk < 2:
+        if (axis_name is None and not caller.flax_small_batch and x.shape[0] % v == 0
+                and per_chunk < 2):
             raise ValueError(f"{fn}: ghost batches of `virtual_batch_size`={v} give {per_chunk} "
                              f"value per feature; statistics need at least 2.")
         (mean, var, count), chunks = ghost_moments(
@@ -270,12 +297,14 @@ def _core(fn, params, state, x, train, *, axis, momentum, epsilon, mask, axis_na
         xs = x.reshape((mean.shape[0], -1) + x.shape[1:])
         sshape = (1,) + lay.stats_shape  # broadcasts against the (chunks, ...) statistics
     else:
-        if axis_name is None and math.prod(x.shape[a] for a in lay.reduction_axes) < 2:
+        if (axis_name is None and not caller.flax_small_batch
+                and math.prod(x.shape[a] for a in lay.reduction_axes) < 2):
             raise ValueError(
                 f"{fn}: the batch is too small: training needs at least 2 values per feature to "
                 f"compute statistics, but x.shape={tuple(x.shape)} with `axis`={axis!r} gives "
                 f"{math.prod(x.shape[a] for a in lay.reduction_axes)}. Use a bigger batch, "
-                f"train=False, or pass `axis_name` when the batch is spread over a mapped axis."
+                f"{caller.train_off}, or pass `axis_name` when the batch is spread over a "
+                f"mapped axis."
             )
         if fast:
             scale = None if params is None else params.scale
@@ -396,7 +425,22 @@ def batch_norm(params, state, x, train, *, axis=-1, momentum=0.99, epsilon=1e-5,
       by Reducing Internal Covariate Shift", ICML 2015. Hoffer et al., "Train
       longer, generalize better" (ghost batch normalisation), NeurIPS 2017.
     """
-    return _core("batch_norm", params, state, x, train, axis=axis, momentum=momentum,
+    return batch_norm_as("batch_norm", params, state, x, train, axis=axis, momentum=momentum,
+                         epsilon=epsilon, mask=mask, axis_name=axis_name,
+                         axis_index_groups=axis_index_groups,
+                         virtual_batch_size=virtual_batch_size,
+                         unbiased_running_var=unbiased_running_var, dtype=dtype)
+
+
+def batch_norm_as(caller, params, state, x, train, *, axis=-1, momentum=0.99, epsilon=1e-5,
+                  mask=None, axis_name=None, axis_index_groups=None, virtual_batch_size=None,
+                  unbiased_running_var: bool = False, dtype=None):
+    """:func:`batch_norm` with errors in ``caller``'s terms (a ``_checks.Caller`` or a name).
+
+    The Flax modules call this; ``Caller.flax_small_batch`` also makes one value per
+    feature legal in training, as in Flax (it is normalised to the bias).
+    """
+    return _core(caller, params, state, x, train, axis=axis, momentum=momentum,
                  epsilon=epsilon, mask=mask, axis_name=axis_name,
                  axis_index_groups=axis_index_groups, virtual_batch_size=virtual_batch_size,
                  unbiased_running_var=unbiased_running_var, dtype=dtype, renorm=None)
@@ -437,17 +481,28 @@ def batch_renorm(params, state, x, train, *, r_max=3.0, d_max=5.0, axis=-1, mome
       Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
       Batch-Normalized Models", NeurIPS 2017.
     """
+    return batch_renorm_as("batch_renorm", params, state, x, train, r_max=r_max, d_max=d_max,
+                           axis=axis, momentum=momentum, epsilon=epsilon, mask=mask,
+                           axis_name=axis_name, axis_index_groups=axis_index_groups,
+                           unbiased_running_var=unbiased_running_var, dtype=dtype)
+
+
+def batch_renorm_as(caller, params, state, x, train, *, r_max=3.0, d_max=5.0, axis=-1,
+                    momentum=0.99, epsilon=1e-5, mask=None, axis_name=None,
+                    axis_index_groups=None, unbiased_running_var: bool = False, dtype=None):
+    """:func:`batch_renorm` with errors in ``caller``'s terms (see :func:`batch_norm_as`)."""
+    caller = _checks.as_caller(caller)
     bounds = []
     for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
         if _checks.is_traced(value):
-            value = _checks.traced_real_scalar(value, "batch_renorm", name)
+            value = _checks.traced_real_scalar(value, caller.fn, name)
             value = _checks.poison_unless(value >= low, value)
         elif not _checks.real_scalar(value) >= low:
             raise ValueError(
-                f"batch_renorm: `{name}` must be >= {low} (a real number); got {value!r}.")
+                f"{caller.fn}: `{name}` must be >= {low} (a real number); got {value!r}.")
         bounds.append(value)
     r_max, d_max = bounds
-    return _core("batch_renorm", params, state, x, train, axis=axis, momentum=momentum,
+    return _core(caller, params, state, x, train, axis=axis, momentum=momentum,
                  epsilon=epsilon, mask=mask, axis_name=axis_name,
                  axis_index_groups=axis_index_groups, virtual_batch_size=None,
                  unbiased_running_var=unbiased_running_var, dtype=dtype, renorm=(r_max, d_max))

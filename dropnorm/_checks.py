@@ -7,13 +7,32 @@ functions that accept traced values document what they do with bad ones.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+class Caller(NamedTuple):
+    """Who is calling a pure function, so that its errors speak the caller's own terms.
+
+    The public functions use the defaults; the Flax modules pass their own names, e.g.
+    ``Caller("dropnorm.linen.BatchNorm", "use_running_average=True", flax_small_batch=True)``.
+    """
+
+    fn: str  # the name every message starts with, e.g. "batch_norm" or "dropnorm.nnx.Dropout"
+    train_off: str = "train=False"  # the caller's way to stop training, used in hints
+    x_name: str = "x"  # the name of the input argument
+    flax_small_batch: bool = False  # one value per feature is legal (Flax): output = bias
+    state_hint: str | None = None  # how the caller's state got its shape (None: batch_norm_init)
+
+
+def as_caller(caller: Caller | str) -> Caller:
+    return caller if isinstance(caller, Caller) else Caller(caller)
 
 
 def is_traced(value: Any) -> bool:
@@ -76,34 +95,70 @@ def check_train(train: Any, fn: str, name: str = "train") -> bool | jax.Array:
     )
 
 
-def check_key(key: Any, fn: str) -> jax.Array:
-    """A JAX PRNG key: a typed key (``jax.random.key``) or a raw uint32[2] (``PRNGKey``)."""
+@functools.cache
+def _raw_key_shape(impl_name: str) -> tuple[int, ...]:
+    """Shape of a legacy raw key (``jax.random.PRNGKey``) of the default implementation."""
+    del impl_name  # the cache key: the shape follows ``jax_default_prng_impl``
+    return tuple(jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape)
+
+
+def default_raw_key_shape() -> tuple[int, ...]:
+    return _raw_key_shape(str(jax.config.jax_default_prng_impl))
+
+
+def is_key(value: Any) -> bool:
+    """True for a typed PRNG key array (``jax.random.key``) of any implementation."""
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def check_key(key: Any, fn: str, train_off: str = "train=False") -> jax.Array:
+    """A JAX PRNG key: a typed key of any implementation (``jax.random.key(seed, impl=...)``)
+    or a raw uint32 key of the default implementation's shape (``jax.random.PRNGKey``:
+    ``(2,)`` for threefry, ``(4,)`` under ``jax_default_prng_impl='rbg'`` / ``'unsafe_rbg'``)."""
     if key is None:
         raise TypeError(
             f"{fn}: `key` is None but the layer is training, so it needs randomness. Pass a key "
-            f"from `jax.random.key(seed)` (split it for each call), or pass train=False."
+            f"from `jax.random.key(seed)` (split it for each call), or pass {train_off}."
         )
     if isinstance(key, (jax.Array, np.ndarray)):
-        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if is_key(key):
             if key.shape != ():
                 raise TypeError(
                     f"{fn}: `key` must be a single PRNG key; got a key array of shape "
                     f"{key.shape}. Index it, or use jax.vmap to map over a batch of keys."
                 )
             return key
-        if key.dtype == np.uint32 and key.shape == (2,):
+        raw = default_raw_key_shape()
+        if key.dtype == np.uint32 and tuple(key.shape) == raw:
             return jnp.asarray(key)
+        if key.dtype == np.uint32 and key.ndim == 1:
+            raise TypeError(
+                f"{fn}: `key` is {_describe(key)}, a raw key, but the default "
+                f"PRNG implementation ({jax.config.jax_default_prng_impl}) makes raw keys of "
+                f"shape {raw}. Make it with the current default, or use a typed key, "
+                f"`jax.random.key(seed, impl=...)`, which carries its implementation."
+            )
     raise TypeError(
         f"{fn}: `key` must be a JAX PRNG key made by `jax.random.key(seed)` (or the legacy "
         f"`jax.random.PRNGKey(seed)`); got {_describe(key)}."
     )
 
 
-def check_floating(x: Any, fn: str, name: str = "x") -> jax.Array:
-    x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+def check_floating(x: Any, fn: str, name: str = "x", allow_complex: bool = False) -> jax.Array:
+    """``x`` as a JAX array of a floating (or, when allowed, complex floating) dtype."""
+    if is_key(x):
         raise TypeError(
-            f"{fn}: `{name}` must have a floating dtype; got {x.dtype}. Cast it first, e.g. "
+            f"{fn}: `{name}` is a PRNG key ({x.dtype}), not data: were two arguments swapped? "
+            f"Pass the array to normalise or drop as `{name}`."
+        )
+    x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+    ok = jnp.issubdtype(x.dtype, jnp.floating) or (
+        allow_complex and jnp.issubdtype(x.dtype, jnp.complexfloating))
+    if not ok:
+        kinds = "a floating or complex dtype" if allow_complex else "a floating dtype"
+        raise TypeError(
+            f"{fn}: `{name}` must have {kinds}; got {x.dtype}. Cast it first, e.g. "
             f"{name}.astype(jnp.float32)."
         )
     return x

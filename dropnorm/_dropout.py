@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from dropnorm import _checks, _masks
@@ -95,9 +96,39 @@ def _noisy_jvp(static, primals, tangents):
     return y, tangent
 
 
-def _random_map(fn, kind, key, x, rate, train, broadcast_dims, mask_bits):
-    """Validation and the static / traced dispatch shared by the family."""
-    x = _checks.check_floating(x, fn)
+_KINDS = {"dropout": "dropout", "alpha": "alpha", "gaussian": "gaussian", "drop_path": "dropout"}
+
+
+def _check_not_swapped(caller: _checks.Caller, key, x):
+    """``dropout(x, key, ...)`` is an easy slip: say so instead of "x must be floating"."""
+    x_is_key = _checks.is_key(x) or (
+        isinstance(x, (jax.Array, np.ndarray)) and x.dtype == np.uint32
+        and tuple(x.shape) == _checks.default_raw_key_shape())
+    key_is_data = isinstance(key, (jax.Array, np.ndarray)) and (
+        jnp.issubdtype(key.dtype, jnp.floating))
+    if x_is_key and (key_is_data or key is None):
+        raise TypeError(
+            f"{caller.fn}: `{caller.x_name}` is a PRNG key and `key` is "
+            f"{'None' if key is None else 'a floating array'}: the two look swapped. The key "
+            f"comes first: {caller.fn}(key, {caller.x_name}, rate, train)."
+        )
+
+
+def random_map_as(caller, kind, key, x, rate, train, *, broadcast_dims=(),
+                  mask_bits: int = _masks.DEFAULT_BITS):
+    """The family's validation and static / traced dispatch, errors in ``caller``'s terms.
+
+    ``kind`` is "dropout", "alpha", "gaussian" or "drop_path" (dropout with every axis but
+    0 broadcast). The Flax modules call this with their own :class:`~dropnorm._checks.Caller`.
+    """
+    caller = _checks.as_caller(caller)
+    fn, xn = caller.fn, caller.x_name
+    _check_not_swapped(caller, key, x)
+    x = _checks.check_floating(x, fn, xn)
+    if kind == "drop_path":
+        if x.ndim == 0:
+            raise ValueError(f"{fn}: `{xn}` must have a batch axis (axis 0); got a scalar.")
+        broadcast_dims = tuple(range(1, x.ndim))
     rate = _checks.check_rate(rate, fn)
     train = _checks.check_train(train, fn)
     if mask_bits not in _masks.MASK_BITS:
@@ -105,9 +136,10 @@ def _random_map(fn, kind, key, x, rate, train, broadcast_dims, mask_bits):
     bdims = _checks.normalize_axes(broadcast_dims, x.ndim, fn, "broadcast_dims")
     if train is False or (isinstance(rate, float) and rate == 0.0):
         return x
-    key = _checks.check_key(key, fn)
+    key = _checks.check_key(key, fn, caller.train_off)
     mask_shape = tuple(1 if i in bdims else d for i, d in enumerate(x.shape))
-    static = _Static(kind, mask_shape, mask_bits, rate if isinstance(rate, float) else None)
+    static = _Static(_KINDS[kind], mask_shape, mask_bits,
+                     rate if isinstance(rate, float) else None)
     dyn_rate = jnp.float32(0.0) if isinstance(rate, float) else rate
 
     def drop(x):
@@ -171,7 +203,8 @@ def dropout(key, x, rate, train, *, broadcast_dims=(),
       Overfitting", JMLR 2014. Gal & Ghahramani, "A Theoretically Grounded
       Application of Dropout in Recurrent Neural Networks", NeurIPS 2016.
     """
-    return _random_map("dropout", "dropout", key, x, rate, train, broadcast_dims, mask_bits)
+    return random_map_as("dropout", "dropout", key, x, rate, train,
+                         broadcast_dims=broadcast_dims, mask_bits=mask_bits)
 
 
 def alpha_dropout(key, x, rate, train, *, broadcast_dims=(),
@@ -198,7 +231,8 @@ def alpha_dropout(key, x, rate, train, *, broadcast_dims=(),
     References:
       Klambauer et al., "Self-Normalizing Neural Networks", NeurIPS 2017.
     """
-    return _random_map("alpha_dropout", "alpha", key, x, rate, train, broadcast_dims, mask_bits)
+    return random_map_as("alpha_dropout", "alpha", key, x, rate, train,
+                         broadcast_dims=broadcast_dims, mask_bits=mask_bits)
 
 
 def gaussian_dropout(key, x, rate, train, *, broadcast_dims=()) -> jax.Array:
@@ -220,7 +254,8 @@ def gaussian_dropout(key, x, rate, train, *, broadcast_dims=()) -> jax.Array:
       Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from
       Overfitting", JMLR 2014, section 10.
     """
-    return _random_map("gaussian_dropout", "gaussian", key, x, rate, train, broadcast_dims, 32)
+    return random_map_as("gaussian_dropout", "gaussian", key, x, rate, train,
+                         broadcast_dims=broadcast_dims, mask_bits=32)
 
 
 def drop_path(key, x, rate, train, *, mask_bits: int = _masks.DEFAULT_BITS) -> jax.Array:
@@ -240,8 +275,4 @@ def drop_path(key, x, rate, train, *, mask_bits: int = _masks.DEFAULT_BITS) -> j
     References:
       Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016.
     """
-    x = _checks.check_floating(x, "drop_path")
-    if x.ndim == 0:
-        raise ValueError("drop_path: `x` must have a batch axis (axis 0); got a scalar.")
-    bdims = tuple(range(1, x.ndim))
-    return _random_map("drop_path", "dropout", key, x, rate, train, bdims, mask_bits)
+    return random_map_as("drop_path", "drop_path", key, x, rate, train, mask_bits=mask_bits)

@@ -293,3 +293,103 @@ def test_batch_renorm_bounds_checked_concrete_and_poisoned_traced():
         assert np.all(np.isnan(np.asarray(f(r, d)))), (r, d)
     np.testing.assert_allclose(f(2.0, 1.0), dropnorm.batch_renorm(
         params, state, _bn_xs(), True, r_max=2.0, d_max=1.0)[0], rtol=1e-6)
+
+
+# ---------------------------------------------------------------- keys of every generator
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])
+def test_typed_keys_of_every_implementation_are_accepted(impl):
+    key = jax.random.key(3, impl=impl)
+    y = dropnorm.dropout(key, jnp.ones((64, 64)), 0.5, True)
+    kept = float(jnp.mean(y != 0))
+    # 4096 Bernoulli(1/2) draws: the kept fraction is within 0.5 +- 5 sigma (sigma = 0.0078).
+    assert abs(kept - 0.5) < 0.04
+    np.testing.assert_array_equal(y, dropnorm.dropout(key, jnp.ones((64, 64)), 0.5, True))
+
+
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
+def test_legacy_raw_keys_follow_the_default_implementation(impl):
+    # Under jax_default_prng_impl='rbg' a legacy PRNGKey(seed) is uint32[4] (lm1b's train_step
+    # uses them); it was rejected as "not a key". A uint32[2] key is then not of the default
+    # shape and gets an error that says so.
+    previous = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", impl)
+    try:
+        key = jax.random.PRNGKey(0)
+        assert key.shape == (4,)
+        y = jax.jit(lambda k, x: dropnorm.dropout(k, x, 0.5, True))(key, jnp.ones((8, 8)))
+        assert set(np.unique(np.asarray(y)).tolist()) <= {0.0, 2.0}
+        with pytest.raises(TypeError, match=r"default PRNG implementation .* shape \(4,\)"):
+            dropnorm.dropout(jnp.zeros((2,), jnp.uint32), jnp.ones(3), 0.5, True)
+    finally:
+        jax.config.update("jax_default_prng_impl", previous)
+    with pytest.raises(TypeError, match=r"shape \(2,\)"):  # and back: (4,) is now wrong
+        dropnorm.dropout(jnp.zeros((4,), jnp.uint32), jnp.ones(3), 0.5, True)
+
+
+# ---------------------------------------------------------------- swapped arguments
+
+
+@pytest.mark.parametrize("fn", DROPOUTS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("key", [jax.random.key(0), jax.random.PRNGKey(0)],
+                         ids=["typed", "raw"])
+def test_swapped_key_and_x_are_named(fn, key):
+    # It said "x must have a floating dtype; got key<fry>. Cast it first": a wrong fix.
+    _raises_at_trace(lambda x: fn(x, key, 0.5, True), X, TypeError, "swapped",
+                     "key comes first")
+
+
+def test_swapped_params_and_state_are_named():
+    # It raised AttributeError: 'BatchNormParams' object has no attribute 'mean'.
+    params, state = dropnorm.batch_norm_init(3)
+    for train in (True, False):
+        _raises_at_trace(lambda x, t=train: dropnorm.batch_norm(state, params, x, t), X,
+                         TypeError, "swapped", "`params` is a BatchNormState",
+                         "batch_norm(params, state, x, train)")
+        _raises_at_trace(lambda x, t=train: dropnorm.batch_renorm(state, params, x, t), X,
+                         TypeError, "swapped", "batch_renorm(params, state, x, train)")
+    _raises_at_trace(lambda x: dropnorm.batch_norm(params, {"mean": 0}, x, True), X,
+                     TypeError, "`state` must be a BatchNormState", "dict")
+
+
+# ---------------------------------------------------------------- errors in the caller's terms
+
+
+def test_errors_speak_the_callers_terms():
+    from dropnorm._batch_norm import batch_norm_as
+    from dropnorm._checks import Caller
+    from dropnorm._dropout import random_map_as
+
+    caller = Caller("dropnorm.linen.BatchNorm", "use_running_average=True", state_hint="rebuild")
+    params, state = dropnorm.batch_norm_init(3)
+    with pytest.raises(ValueError) as info:
+        batch_norm_as(caller, params, state, jnp.ones((1, 3)), True)
+    msg = str(info.value)
+    assert msg.startswith("dropnorm.linen.BatchNorm:") and "use_running_average=True" in msg
+    assert "train=False" not in msg
+    with pytest.raises(ValueError, match="Check `axis`, or rebuild"):
+        batch_norm_as(caller, params, state, jnp.ones((4, 5)), True)
+    drop = Caller("dropnorm.linen.Dropout", "deterministic=True", x_name="inputs")
+    with pytest.raises(TypeError, match=r"^dropnorm.linen.Dropout: `inputs` must have a floating"):
+        random_map_as(drop, "dropout", KEY, jnp.ones(3, jnp.int32), 0.5, True)
+    with pytest.raises(TypeError, match="or pass deterministic=True"):
+        random_map_as(drop, "dropout", None, jnp.ones(3), 0.5, True)
+
+
+def test_flax_small_batch_normalises_one_value_per_feature_to_the_bias():
+    # Flax's modules accept one value per feature in training (nnx.scan over a batch of 1):
+    # mean = the value, variance 0, output = bias; the running statistics move towards it.
+    from dropnorm._batch_norm import batch_norm_as
+    from dropnorm._checks import Caller
+
+    params = dropnorm.BatchNormParams(jnp.array([2.0, 3.0]), jnp.array([0.5, -1.0]))
+    _, state = dropnorm.batch_norm_init(2)
+    x = jnp.array([[4.0, -7.0]])
+    y, new = batch_norm_as(Caller("M", flax_small_batch=True), params, state, x, True,
+                           momentum=0.9)
+    np.testing.assert_array_equal(y, [[0.5, -1.0]])
+    np.testing.assert_allclose(new.mean, [0.4, -0.7], rtol=1e-6)
+    np.testing.assert_allclose(new.var, [0.9, 0.9], rtol=1e-6)
+    with pytest.raises(ValueError, match="too small"):  # the pure API keeps its error
+        dropnorm.batch_norm(params, state, x, True)
