@@ -4,6 +4,7 @@ Run from the repository root::
 
     python benchmarks/bench.py            # the full grid (several minutes on 2 CPU cores)
     python benchmarks/bench.py --quick    # small shapes and few repeats (under a minute)
+    python benchmarks/bench.py --scale    # only the scale table (about 5 minutes)
     python benchmarks/bench.py --json out.json
     python benchmarks/bench.py --markdown out.json   # the tables of BENCHMARKS.md
 
@@ -17,13 +18,24 @@ What is timed (one jitted function per cell, inputs already on the device):
 * ``loss``: ``jax.value_and_grad`` of ``sum(y**2)`` (in float32), the measure the issue
   used; it adds a reduction of ``y`` to a scalar.
 
-Contenders run interleaved (one call of each per round) and every number is the median
-over rounds; the ratio to Flax is the median of the per-round ratios, which cancels most
-of the drift from other processes sharing the CPU. ``copy`` is ``x * 2``: its bandwidth
-(2 passes over ``x``) sets the memory floor, ``passes * x.nbytes / bandwidth``, with
-passes = 2 (dropout fwd), 4 (dropout vjp: read x, write y, read dy, write dx), 3 (batch
-norm fwd: statistics, read x, write y) and 8 (batch norm vjp). ``floor%`` is floor time
-over measured time (100% = at the floor).
+Contenders run interleaved (one call of each per round) and every time is the median
+over rounds; the ratio to Flax (``linen/this``, ``nnx/this``, and the ratio columns of the
+tables) is the median of the per-round ratios, not the quotient of the two median times:
+it cancels most of the drift from other processes sharing the CPU, and on a busy CPU it
+can differ from that quotient by several per cent. The run prints this at its top.
+``copy`` is ``x * 2``: its bandwidth (2 passes over ``x``) sets the memory floor,
+``passes * x.nbytes / bandwidth``, with passes = 2 (dropout fwd), 4 (dropout vjp: read x,
+write y, read dy, write dx), 3 (batch norm fwd: statistics, read x, write y) and 8 (batch
+norm vjp). ``floor%`` is floor time over the median measured time (100% = at the floor).
+
+The scale table (full runs and ``--scale``; ``--quick`` leaves it out) compiles one
+BatchNorm layer with ``axis_name`` (256 features) under ``shard_map``, ``pmap`` and ``vmap``
+on 8 and 64 simulated CPU devices, each device count in its own subprocess with its own
+``XLA_FLAGS``, and reads the collectives from the optimised HLO: how many, and their operand
+bytes per device (exact, whatever the load), dropnorm against ``flax.linen.BatchNorm``.
+It also times trace+compile (medians of fresh compiles, caches cleared) of that layer, of a
+small ResNet ``pmap`` train step in the layout of Flax's ImageNet example (15 BatchNorm
+layers with ``axis_name``, 8 devices), and of the 12-layer step below.
 
 Full runs also time dropnorm's dropout with the two other backward-pass memory policies
 (keeping a bit-packed or a bool mask instead of regenerating it from the key) and with
@@ -40,9 +52,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
+import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -277,6 +292,255 @@ class _Net(nn.Module):
 
 
 def twelve_layer_temp_bytes(bn, dropout, batch: int, width: int) -> int:
+    step, args = twelve_layer_step(bn, dropout, batch, width)
+    compiled = jax.jit(step).lower(*args).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+# --- scale: collectives across devices, trace+compile time --------------------------------
+#
+# What crosses devices is read from the compiled program, so it is exact and independent of
+# the load on the machine: every collective instruction of the optimised HLO (after XLA's
+# all-reduce combiner, which may merge several psums into one tuple-shaped all-reduce) and
+# the bytes of its operands. The scale table runs in a subprocess per device count, because
+# XLA_FLAGS (--xla_force_host_platform_device_count) is read once, when JAX starts.
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+SCALE_DEVICES = (8, 64)
+SCALE_FEATURES = 256
+SCALE_PER_DEVICE = 4  # examples per device in the layer probes
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+                "c128": 16}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
+
+
+def _shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string (an array, or a tuple of arrays): ``f32[2,256]{1,0}``."""
+    return sum(_DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d)
+               for dt, dims in _ARRAY.findall(shape))
+
+
+def hlo_collectives(hlo_text: str) -> list[tuple[str, int]]:
+    """``(opcode, operand bytes)`` of every cross-device collective in an HLO module's text.
+
+    ``hlo_text`` is ``jax.jit(f).lower(...).compile().as_text()`` (the optimised module). Async
+    pairs (``all-reduce-start`` / ``-done``, as GPU backends emit) count once, at the start.
+    Operand shapes are looked up by name, so an all-gather's bytes are what each device sends.
+    """
+    shapes, found = {}, []
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, shape, op, rest = m.groups()
+        shapes[name] = shape
+        base = op.removesuffix("-start")
+        if base in COLLECTIVES and not op.endswith("-done"):
+            args = rest.split(")", 1)[0]
+            names = [a.strip().split()[-1].lstrip("%") for a in args.split(",") if a.strip()]
+            found.append((base, sum(_shape_bytes(shapes.get(a, "")) for a in names)))
+    return found
+
+
+def _compiled(lower: Callable) -> tuple[object, float, float]:
+    """``lower()`` then compile; (compiled, trace+lower seconds, compile seconds)."""
+    t0 = time.perf_counter()
+    lowered = lower()
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, t1 - t0, time.perf_counter() - t1
+
+
+def _probe(lower: Callable) -> dict:
+    compiled, t_lower, t_compile = _compiled(lower)
+    ops = hlo_collectives(compiled.as_text())
+    return {"count": len(ops), "bytes": sum(b for _, b in ops), "ops": ops,
+            "lower_s": t_lower, "compile_s": t_compile}
+
+
+def _groups(n: int, g: int) -> list[list[int]]:
+    """``g`` groups of unequal sizes covering ``n`` devices: one of size 1, the rest even."""
+    rest = np.array_split(np.arange(1, n), g - 1)
+    return [[0]] + [[int(i) for i in r] for r in rest]
+
+
+def _bn_layers(features: int, groups=None, mask=False) -> dict[str, tuple]:
+    """name -> (layer(p, s, x, m) -> (y, new_stats), params, stats), with ``axis_name="b"``."""
+    p, s = dropnorm.batch_norm_init(features)
+
+    def ours(p, s, x, m):
+        return dropnorm.batch_norm(p, s, x, True, axis_name="b", axis_index_groups=groups,
+                                   mask=m if mask else None)
+
+    lin = nn.BatchNorm(use_running_average=False, axis_name="b", axis_index_groups=groups)
+    fv = lin.init(jax.random.key(0), jnp.ones((2, features)))
+
+    def theirs(p, s, x, m):
+        y, upd = lin.apply({"params": p, "batch_stats": s}, x, mask=m if mask else None,
+                           mutable=["batch_stats"])
+        return y, upd["batch_stats"]
+
+    return {"dropnorm": (ours, p, s), "flax": (theirs, fv["params"], fv["batch_stats"])}
+
+
+def _fwd_bwd(layer: Callable) -> Callable:
+    """Forward and backward of one layer: gradients of ``sum(y * ct)`` w.r.t. params and x."""
+    def f(p, s, x, m, ct):
+        def loss(p, x):
+            y, ns = layer(p, s, x, m)
+            return jnp.sum(y.astype(jnp.float32) * ct), ns
+
+        (_, ns), g = jax.value_and_grad(loss, (0, 1), has_aux=True)(p, x)
+        return g, ns
+
+    return f
+
+
+def _stack_state(f: Callable) -> Callable:
+    """``f`` with its new state given a leading axis, to leave ``shard_map`` as ``P("b")``."""
+    def g(*a):
+        out, ns = f(*a)
+        return out, jax.tree.map(lambda v: v[None], ns)
+
+    return g
+
+
+def scale_layers(n: int, features: int = SCALE_FEATURES, reps: int = 1, only=None) -> dict:
+    """Collectives and trace+compile time of one BatchNorm layer with ``axis_name`` on n devices.
+
+    Under ``shard_map`` (batch split over a 1-D mesh "b"), ``pmap`` (one example block per
+    device) and ``jax.vmap(..., axis_name="b")`` (n lanes on one device); ``fwd`` is the layer
+    in training mode, ``fwd+bwd`` adds the gradients w.r.t. params and x. Variants: ``mask``
+    (a padding mask), ``groups=g`` (``axis_index_groups``, g unequal groups; Flax supports
+    those under ``pmap`` only). Times are medians of ``reps`` fresh traces and compiles.
+    ``only``: None for every cell, or a collection of ``(transform, variant, mode)`` to probe.
+    """
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    assert jax.device_count() >= n, (jax.device_count(), n)
+    mesh = Mesh(np.array(jax.devices()[:n]), ("b",))
+    b = SCALE_PER_DEVICE
+    x = jax.random.normal(jax.random.key(0), (n * b, features))
+    m = jnp.arange(n * b)[:, None] % 3 != 0  # a third of the rows padded, unevenly per device
+    m = jnp.broadcast_to(m, x.shape)
+    ct = jnp.ones_like(x)
+    variants = {"plain": {}, "mask": {"mask": True}}
+    variants |= {f"groups={g}": {"groups": _groups(n, g)} for g in (2, 4)}
+    out = []
+
+    def record(transform, variant, impl, mode, lower):
+        if only is not None and (transform, variant, mode) not in only:
+            return
+        cells = []
+        for _ in range(reps):
+            jax.clear_caches()  # every repetition traces and compiles afresh
+            cells.append(_probe(lower))
+        c = dict(cells[0])
+        c["lower_s"] = statistics.median(x["lower_s"] for x in cells)
+        c["compile_s"] = statistics.median(x["compile_s"] for x in cells)
+        out.append({"devices": n, "transform": transform, "variant": variant, "impl": impl,
+                    "mode": mode, **c})
+
+    shp = (n, b, features)
+    for variant, kw in variants.items():
+        for impl, (layer, p, s) in _bn_layers(features, **kw).items():
+            grouped = "groups" in kw
+            flat, mapped = (p, s, x, m, ct), (p, s, x.reshape(shp), m.reshape(shp),
+                                              ct.reshape(shp))
+            for mode in ("fwd", "fwd+bwd"):
+                f = (lambda p, s, x, m, ct, g=layer: g(p, s, x, m)) if mode == "fwd" else \
+                    _fwd_bwd(layer)
+                if not (grouped and impl == "flax"):  # JAX: no grouped psum in shard_map
+                    st = P() if not grouped else P("b")  # per-group statistics vary
+                    sm = jax.shard_map(
+                        _stack_state(f) if grouped else f, mesh=mesh,
+                        in_specs=(P(), P(), P("b"), P("b"), P("b")),
+                        out_specs=(P("b"), st) if mode == "fwd" else ((P(), P("b")), st))
+                    record("shard_map", variant, impl, mode,
+                           functools.partial(lambda sm, a: jax.jit(sm).lower(*a), sm, flat))
+                pm = jax.pmap(f, axis_name="b", in_axes=(None, None, 0, 0, 0))
+                record("pmap", variant, impl, mode,
+                       functools.partial(lambda pm, a: pm.lower(*a), pm, mapped))
+                if not grouped:
+                    vm = jax.vmap(f, in_axes=(None, None, 0, 0, 0), axis_name="b",
+                                  out_axes=(0, None) if mode == "fwd" else ((0, 0), None))
+                    record("vmap", variant, impl, mode,
+                           functools.partial(lambda vm, a: jax.jit(vm).lower(*a), vm, mapped))
+    return {"devices": n, "features": features, "per_device": b, "layers": out}
+
+
+class _Block(nn.Module):
+    """The basic residual block of Flax's ImageNet example (``ResNetBlock``)."""
+    filters: int
+    norm: Callable
+    strides: tuple[int, int] = (1, 1)
+
+    @nn.compact
+    def __call__(self, x):
+        conv = functools.partial(nn.Conv, use_bias=False)
+        y = nn.relu(self.norm()(conv(self.filters, (3, 3), self.strides)(x)))
+        y = self.norm(scale_init=nn.initializers.zeros)(conv(self.filters, (3, 3))(y))
+        if x.shape != y.shape:
+            x = self.norm()(conv(self.filters, (1, 1), self.strides)(x))
+        return nn.relu(x + y)
+
+
+class _ResNet(nn.Module):
+    """A small ResNet in the layout of Flax's ImageNet example: 3 stages of 2 blocks, 15 BN."""
+    bn: type
+    stages: tuple[int, ...] = (2, 2, 2)
+    width: int = 16
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        norm = functools.partial(self.bn, use_running_average=not train, momentum=0.9,
+                                 epsilon=1e-5, axis_name="batch")
+        x = nn.relu(norm()(nn.Conv(self.width, (3, 3), use_bias=False)(x)))
+        for i, blocks in enumerate(self.stages):
+            for j in range(blocks):
+                x = _Block(self.width * 2**i, norm, (2, 2) if i > 0 and j == 0 else (1, 1))(x)
+        return nn.Dense(self.classes)(jnp.mean(x, axis=(1, 2)))
+
+
+def resnet_pmap_step(bn: type, devices: int, per_device: int = 8, size: int = 32):
+    """A ``pmap`` train step of :class:`_ResNet` as Flax's ImageNet example writes it.
+
+    Cross-entropy, gradients averaged with ``lax.pmean(..., "batch")``, SGD with momentum;
+    BatchNorm with ``axis_name="batch"``. Returns ``(lower, args)``: ``lower()`` traces and
+    lowers a fresh ``jax.pmap`` of the step.
+    """
+    import optax
+
+    net = _ResNet(bn)
+    x = jnp.ones((devices, per_device, size, size, 3))
+    y = jnp.zeros((devices, per_device), jnp.int32)
+    variables = jax.jit(net.init, static_argnums=2)(jax.random.key(0), x[0], False)
+    tx = optax.sgd(0.1, momentum=0.9)
+    rep = jax.tree.map(lambda a: jnp.broadcast_to(a, (devices,) + a.shape), variables)
+    opt = jax.tree.map(lambda a: jnp.broadcast_to(a, (devices,) + a.shape),
+                       tx.init(variables["params"]))
+
+    def step(params, stats, opt_state, x, y):
+        def loss_fn(p):
+            logits, upd = net.apply({"params": p, "batch_stats": stats}, x, True,
+                                    mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
+        (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        grads = jax.lax.pmean(grads, "batch")
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state, loss
+
+    args = (rep["params"], rep["batch_stats"], opt, x, y)
+    return (lambda: jax.pmap(lambda *a: step(*a), axis_name="batch").lower(*args)), args
+
+
+def twelve_layer_step(bn, dropout, batch: int, width: int):
+    """The benchmark's 12-layer bf16 training step: ``(step, args)``, ``step`` not yet jitted."""
     net = _Net(bn, dropout, width)
     x = jnp.ones((batch, width), jnp.bfloat16)
     variables = net.init({"params": jax.random.key(0)}, x, False)
@@ -290,9 +554,90 @@ def twelve_layer_temp_bytes(bn, dropout, batch: int, width: int) -> int:
         (value, upd), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return value, grads, upd
 
-    compiled = jax.jit(step).lower(variables["params"], variables["batch_stats"], x,
-                                   jax.random.key(1)).compile()
-    return int(compiled.memory_analysis().temp_size_in_bytes)
+    return step, (variables["params"], variables["batch_stats"], x, jax.random.key(1))
+
+
+def time_trace_compile(lowers: dict[str, Callable], reps: int) -> dict[str, dict]:
+    """Seconds to trace+lower and to compile each function, ``reps`` rounds, interleaved.
+
+    Each round clears JAX's caches and builds a fresh ``jit``/``pmap``, so every round pays
+    the whole trace and compile. Reported: the median of each over the rounds, and the
+    median total (trace+lower+compile of the same round).
+    """
+    times = {name: {"lower_s": [], "compile_s": [], "total_s": []} for name in lowers}
+    for _ in range(reps):
+        for name, lower in lowers.items():
+            jax.clear_caches()
+            _, t_lower, t_compile = _compiled(lower)
+            times[name]["lower_s"].append(t_lower)
+            times[name]["compile_s"].append(t_compile)
+            times[name]["total_s"].append(t_lower + t_compile)
+    return {name: {k + "_median": statistics.median(v) for k, v in t.items()} | t
+            for name, t in times.items()}
+
+
+def scale_models(reps: int, devices: int = 8) -> dict:
+    """Trace+compile time: the ResNet ``pmap`` step and the 12-layer step, dropnorm vs Flax."""
+    resnet = {"dropnorm": resnet_pmap_step(dl.BatchNorm, devices)[0],
+              "flax": resnet_pmap_step(nn.BatchNorm, devices)[0]}
+    twelve = {}
+    for name, (bn, do) in {"dropnorm": (dl.BatchNorm, dl.Dropout),
+                           "flax": (nn.BatchNorm, nn.Dropout)}.items():
+        step, args = twelve_layer_step(bn, do, 512, 256)
+        twelve[name] = lambda step=step, args=args: jax.jit(lambda *a: step(*a)).lower(*args)
+    return {"devices": devices, "reps": reps,
+            "resnet_pmap": time_trace_compile(resnet, reps),
+            "twelve_layer": time_trace_compile(twelve, reps)}
+
+
+def _load() -> str:
+    """``uptime``'s line (the load average says how busy the shared CPU was)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def run_scale(devices=SCALE_DEVICES, reps: int = 5, models: bool = True,
+              timeout: float = 1800) -> dict:
+    """The scale table: one subprocess per device count, each with its own ``XLA_FLAGS``.
+
+    The ResNet ``pmap`` step and the 12-layer step are timed in the 8-device subprocess
+    only (``models``). ``uptime`` is recorded before and after: the times are wall-clock
+    on a shared CPU, the collective counts and bytes are exact.
+    """
+    out = {"uptime_before": _load(), "reps": reps, "runs": []}
+    for n in devices:
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                       os.environ.get("XLA_FLAGS", ""))
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={n}".strip())
+        cmd = [sys.executable, os.path.abspath(__file__), "--scale-worker", str(n),
+               "--repeats", str(reps)] + (["--models"] if models and n == min(devices) else [])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode:
+            raise RuntimeError(f"scale worker ({n} devices) failed:\n{proc.stderr[-4000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        for c in res["layers"]:
+            print(f"scale {n:3d} devices {c['transform']:9s} {c['variant']:8s} {c['mode']:7s} "
+                  f"{c['impl']:8s} {c['count']} collectives {c['bytes']:9d} bytes  "
+                  f"trace+compile {c['lower_s'] + c['compile_s']:6.3f} s", flush=True)
+        for step in ("resnet_pmap", "twelve_layer"):
+            for impl, t in res.get("models", {}).get(step, {}).items():
+                print(f"scale {step:12s} {impl:8s} trace+lower {t['lower_s_median']:6.3f} s  "
+                      f"compile {t['compile_s_median']:6.3f} s  total {t['total_s_median']:6.3f} s",
+                      flush=True)
+        out["runs"].append(res)
+    out["uptime_after"] = _load()
+    return out
+
+
+def scale_worker(n: int, reps: int, models: bool) -> dict:
+    """The body of one scale subprocess (``--scale-worker``): layers, then the models."""
+    res = scale_layers(n, reps=min(reps, 3))  # counts and bytes are exact; times: median of 3
+    if models:
+        res["models"] = scale_models(reps, n)
+    return res
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -313,7 +658,32 @@ def machine() -> dict:
     return info
 
 
+COLUMNS = (
+    "columns: ms = median seconds per call over {r} rounds (x 1e3); linen/this = median over the "
+    "rounds of (flax.linen time / this contender's time) in the SAME round: a median of "
+    "per-round ratios, not the quotient of the two medians, because it cancels most of the "
+    "drift from other processes; the two can differ by several % on a busy CPU. floor = "
+    "memory-floor time / median time (100% = at the floor; see the module docstring).")
+
+
+def code_version() -> dict:
+    """Which dropnorm was measured: its path, and the git commit (and dirty files) there."""
+    where = os.path.dirname(os.path.dirname(os.path.abspath(dropnorm.__file__)))
+    info = {"dropnorm": os.path.abspath(dropnorm.__file__)}
+    try:
+        git = ["git", "-C", where]
+        info["commit"] = subprocess.run(git + ["log", "-1", "--format=%h %s"], capture_output=True,
+                                        text=True, check=True).stdout.strip()
+        status = subprocess.run(git + ["status", "--short", "dropnorm"], capture_output=True,
+                                text=True, check=True).stdout
+        info["dirty"] = [line[3:] for line in status.splitlines()]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
 def run(shapes, repeats: int, ops, modes, layer_shape, policies: bool = True) -> dict:
+    print(COLUMNS.format(r=repeats), flush=True)
     rows = []
     key = jax.random.key(0)
     for shape in shapes:
@@ -377,10 +747,71 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def scale_markdown(scale: dict) -> list[str]:
+    """The scale tables of BENCHMARKS.md from ``run_scale``'s result."""
+    runs = {r["devices"]: r for r in scale["runs"]}
+    reps = scale["reps"]
+    cells = {(c["devices"], c["transform"], c["variant"], c["mode"], c["impl"]): c
+             for r in runs.values() for c in r["layers"]}
+    feats = next(iter(runs.values()))["features"]
+    out = [f"### scale: collectives per BatchNorm layer ({feats} features, compiled HLO)", "",
+           "Counted from `jit(f).lower(...).compile().as_text()` (after XLA's all-reduce "
+           "combiner); bytes are operand bytes per device, exact and independent of the load. "
+           f"trace+compile: seconds, median of {min(reps, 3)} fresh traces and compiles "
+           "(wall-clock on a shared CPU: noisy).", "",
+           "| transform | variant | pass | devices | dropnorm collectives | dropnorm bytes "
+           "| flax collectives | flax bytes | dropnorm / flax bytes "
+           "| dropnorm trace+compile s | flax trace+compile s |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = sorted({k[1:4] for k in cells}, key=lambda k: (
+        ("shard_map", "pmap", "vmap").index(k[0]), (k[1] != "plain", k[1] != "mask", k[1]),
+        k[2]))
+    for transform, variant, mode in keys:
+        for n in sorted(runs):
+            ours = cells.get((n, transform, variant, mode, "dropnorm"))
+            lin = cells.get((n, transform, variant, mode, "flax"))
+            if ours is None:
+                continue
+
+            def tc(c):
+                return "-" if c is None else f"{c['lower_s'] + c['compile_s']:.2f}"
+
+            ratio = ("-" if lin is None or not lin["bytes"]
+                     else f"**{ours['bytes'] / lin['bytes']:.1f}x**")
+            lc, lb = ("-", "-") if lin is None else (lin["count"], f"{lin['bytes']:,}")
+            out.append(f"| {transform} | {variant} | {mode} | {n} | {ours['count']} "
+                       f"| {ours['bytes']:,} | {lc} | {lb} | {ratio} "
+                       f"| {tc(ours)} | {tc(lin)} |")
+    out.append("")
+    models = [r for r in runs.values() if "models" in r]
+    if models:
+        m = models[0]["models"]
+        out += [f"### scale: trace+compile of a training step (s, median of {m['reps']} rounds)",
+                "", "Each round clears JAX's caches and traces, lowers and compiles a fresh "
+                "`jit`/`pmap`, dropnorm and Flax interleaved. The ratio is of the medians of "
+                "the totals. Wall-clock on a shared CPU: noisy.", "",
+                "| step | dropnorm trace+lower | dropnorm compile | flax trace+lower "
+                "| flax compile | dropnorm total / flax total |",
+                "|---|---:|---:|---:|---:|---:|"]
+        names = {"resnet_pmap": f"ResNet (15 BatchNorm, `axis_name`), `pmap` on "
+                                f"{m['devices']} devices",
+                 "twelve_layer": "12-layer bf16 Dense/BatchNorm/Dropout, one device"}
+        for step, label in names.items():
+            o, f = m[step]["dropnorm"], m[step]["flax"]
+            out.append(f"| {label} | {o['lower_s_median']:.2f} | {o['compile_s_median']:.2f} "
+                       f"| {f['lower_s_median']:.2f} | {f['compile_s_median']:.2f} "
+                       f"| **{o['total_s_median'] / f['total_s_median']:.2f}** |")
+        out.append("")
+    out += [f"Load: before `{scale['uptime_before']}`; after `{scale['uptime_after']}`.", ""]
+    return out
+
+
 def markdown(result: dict) -> str:
     """The tables of BENCHMARKS.md from a ``--json`` result."""
     out = []
-    rows = result["rows"]
+    rows = result.get("rows", [])
+    if rows:
+        out += [COLUMNS.format(r=result["repeats"]), ""]
     for op in ("dropout", "batch_norm"):
         cells = {(tuple(r["shape"]), r["dtype"], r["mode"], r["impl"]): r
                  for r in rows if r["op"] == op}
@@ -466,6 +897,8 @@ def markdown(result: dict) -> str:
                        f"| {_fmt(res.get((op, dtype, 'packed bits')))} "
                        f"| {_fmt(res.get((op, dtype, 'bool mask')))} |")
         out.append("")
+    if result.get("scale"):
+        out += scale_markdown(result["scale"])
     t = result.get("twelve_layer")
     if t:
         out += ["### 12-layer bf16 training step, compiled temp memory", "",
@@ -484,10 +917,17 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", default="dropout,batch_norm", help="comma-separated subset")
     parser.add_argument("--markdown", metavar="JSON",
                         help="print the BENCHMARKS.md tables of an earlier --json run and exit")
+    parser.add_argument("--scale", action="store_true",
+                        help="only the scale table (collectives and trace+compile time)")
+    parser.add_argument("--scale-worker", type=int, metavar="DEVICES", help=argparse.SUPPRESS)
+    parser.add_argument("--models", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.markdown:
         with open(args.markdown) as f:
             print(markdown(json.load(f)))
+        return 0
+    if args.scale_worker:  # one subprocess of run_scale: the result as JSON on the last line
+        print(json.dumps(scale_worker(args.scale_worker, args.repeats or 5, args.models)))
         return 0
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     repeats = args.repeats or (3 if args.quick else 7)
@@ -495,22 +935,29 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     info = machine()
     print(json.dumps({k: v for k, v in info.items() if k != "lscpu"}))
-    # --quick leaves out the two alternative dropout memory policies (to stay under a minute)
-    result = run(shapes, repeats, ops, modes, layer_shape=(256, 64), policies=not args.quick)
-    if "dropout" in ops:
-        result["random_words"] = time_random_words(shapes, repeats)
-    batch, width = (256, 128) if args.quick else (512, 256)
-    flax_t = twelve_layer_temp_bytes(nn.BatchNorm, nn.Dropout, batch, width)
-    ours_t = twelve_layer_temp_bytes(dl.BatchNorm, dl.Dropout, batch, width)
-    result["twelve_layer"] = {"batch": batch, "width": width, "flax_temp_bytes": flax_t,
-                              "dropnorm_temp_bytes": ours_t, "ratio": ours_t / flax_t}
-    print(f"12-layer bf16 step temp memory: dropnorm {ours_t / 2**20:.2f} MiB, "
-          f"flax {flax_t / 2**20:.2f} MiB, ratio {ours_t / flax_t:.3f}")
-    for r in result["residuals"]:
-        print(f"residual {r['op']:10s} {r['dtype']:4s} {r['impl']:10s} "
-              f"{r['bytes_per_element']:.3f} bytes/element")
+    if args.scale:
+        result = {"scale": run_scale(reps=args.repeats or 5)}
+    else:
+        # --quick leaves out the two alternative dropout memory policies and the scale table
+        # (to stay under a minute)
+        result = run(shapes, repeats, ops, modes, layer_shape=(256, 64),
+                     policies=not args.quick)
+        if "dropout" in ops:
+            result["random_words"] = time_random_words(shapes, repeats)
+        batch, width = (256, 128) if args.quick else (512, 256)
+        flax_t = twelve_layer_temp_bytes(nn.BatchNorm, nn.Dropout, batch, width)
+        ours_t = twelve_layer_temp_bytes(dl.BatchNorm, dl.Dropout, batch, width)
+        result["twelve_layer"] = {"batch": batch, "width": width, "flax_temp_bytes": flax_t,
+                                  "dropnorm_temp_bytes": ours_t, "ratio": ours_t / flax_t}
+        print(f"12-layer bf16 step temp memory: dropnorm {ours_t / 2**20:.2f} MiB, "
+              f"flax {flax_t / 2**20:.2f} MiB, ratio {ours_t / flax_t:.3f}")
+        for r in result["residuals"]:
+            print(f"residual {r['op']:10s} {r['dtype']:4s} {r['impl']:10s} "
+                  f"{r['bytes_per_element']:.3f} bytes/element")
+        if not args.quick:
+            result["scale"] = run_scale(reps=5)
     result.update(machine=info, quick=args.quick, repeats=repeats, rate=RATE,
-                  seconds=time.perf_counter() - t0)
+                  code=code_version(), seconds=time.perf_counter() - t0)
     print(f"total {result['seconds']:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
