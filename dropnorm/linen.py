@@ -6,13 +6,19 @@ Change one import and keep everything else, checkpoints included::
     x = dnn.BatchNorm(use_running_average=not train)(x)
     x = dnn.Dropout(0.1, deterministic=not train)(x)
 
-The modules have Flax's dataclass fields, defaults, call signatures, variable
-collections, names, shapes and dtypes (``params/scale``, ``params/bias``,
-``batch_stats/mean``, ``batch_stats/var``), use the same ``dropout`` RNG stream
-the same way, do not update statistics while initialising, and keep Flax's
-output-dtype rule. They hold no arithmetic: they create and store variables and
-call the pure functions :func:`dropnorm.batch_norm`, :func:`dropnorm.dropout`
-and their family, which is where every difference from Flax comes from:
+:class:`BatchNorm` and :class:`BatchRenorm` subclass ``flax.linen.BatchNorm``,
+and :class:`Dropout`, :class:`AlphaDropout` and :class:`GaussianDropout`
+subclass ``flax.linen.Dropout``, so ``isinstance`` checks, method interceptors
+and ``nn.tabulate`` treat them as Flax's own. They have Flax's dataclass fields,
+defaults, call signatures, variable collections, names, shapes and dtypes
+(``params/scale``, ``params/bias``, ``batch_stats/mean``, ``batch_stats/var``),
+use the same ``dropout`` RNG stream the same way, do not update statistics
+while initialising, normalise a single value per feature as Flax does (to the
+bias), and keep Flax's output-dtype rule. Errors name the module and its own
+arguments (``use_running_average``, ``deterministic``, ``inputs``). The modules
+hold no arithmetic: they create and store variables and call the pure functions
+:func:`dropnorm.batch_norm`, :func:`dropnorm.dropout` and their family, which is
+where every difference from Flax comes from:
 
 * the variance is always the accurate two-pass one (``use_fast_variance`` is
   accepted and ignored), so results differ from Flax's default by rounding, and
@@ -21,9 +27,12 @@ and their family, which is where every difference from Flax comes from:
 * dropout's keep probability is quantised to ``2**-mask_bits`` (16 bits by
   default: rate 0.1 drops 10.0006%; the kept values are scaled by exactly its
   inverse, so ``E[y] = x``), and the masks differ from Flax's for the same key;
-* a feature whose elements are all masked out keeps its running statistics
-  (Flax writes NaN into them), and training on a single value per feature is an
-  error (Flax silently normalises it to 0);
+* a feature whose elements are all masked out is normalised by the running
+  statistics, which it leaves unchanged (Flax outputs NaN and writes NaN into
+  them);
+* complex inputs: ``batch_stats/mean`` is created complex, so it has one dtype
+  from the start (Flax creates it float32 and turns it complex at the first
+  update); the variance and the outputs are Flax's;
 * extras: ``virtual_batch_size`` (ghost batches), ``momentum=None`` (cumulative
   average, stored with a ``batch_stats/count``), ``mask_bits``, and
   ``AlphaDropout``, ``GaussianDropout``, ``DropPath``, ``BatchRenorm``.
@@ -31,24 +40,28 @@ and their family, which is where every difference from Flax comes from:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
-from flax.linen import dtypes
-from jax.nn import initializers
+
+try:
+    from flax import linen as nn
+    from flax.linen import dtypes
+except ModuleNotFoundError as _err:  # only a missing Flax gets the install hint
+    if (_err.name or "").partition(".")[0] != "flax":
+        raise
+    raise ImportError(
+        'dropnorm.linen needs Flax, which is not installed. Install it with: '
+        'pip install "dropnorm[flax]"') from _err
 
 from dropnorm import _checks
-from dropnorm._batch_norm import BatchNormParams, BatchNormState, batch_norm, batch_renorm
-from dropnorm._dropout import alpha_dropout, drop_path, dropout, gaussian_dropout
+from dropnorm._batch_norm import BatchNormParams, BatchNormState, batch_norm_as, batch_renorm_as
+from dropnorm._checks import Caller
+from dropnorm._dropout import random_map_as
 from dropnorm._masks import DEFAULT_BITS
 
 __all__ = ["AlphaDropout", "BatchNorm", "BatchRenorm", "DropPath", "Dropout", "GaussianDropout"]
-
-Initializer = Any
 
 # A key for the one case where Flax draws no key but the pure function needs one: a static
 # rate of 1 drops everything whatever the key, and Flax returns zeros without touching the
@@ -56,32 +69,51 @@ Initializer = Any
 _UNUSED_KEY_SEED = 0
 
 
-def _train_from(flag: Any, fn: str, name: str) -> bool | jax.Array:
-    """``not flag`` for a Python/NumPy/JAX boolean flag (traced flags stay traced)."""
-    flag = _checks.check_train(flag, fn, name)
+def _name(module) -> str:
+    """``dropnorm.linen.<class>`` for the first dropnorm class of ``module`` (users'
+    subclasses keep the name of the layer they extend)."""
+    for cls in type(module).__mro__:
+        if cls.__module__ == __name__:
+            return f"dropnorm.linen.{cls.__name__}"
+    return f"dropnorm.linen.{type(module).__name__}"  # pragma: no cover
+
+
+def _train_from(flag: Any, caller: Caller, name: str) -> bool | jax.Array:
+    """``not flag`` for a Python/NumPy/JAX boolean flag (traced flags stay traced).
+
+    ``flag`` is ``use_running_average`` or ``deterministic``: True switches training off,
+    the reverse of the pure functions' ``train``, so the hint is the module's own."""
+    try:
+        flag = _checks.check_train(flag, caller.fn, name)
+    except TypeError:
+        raise TypeError(
+            f"{caller.fn}: `{name}` must be a Python bool or a boolean scalar array (which may "
+            f"be traced); got {flag!r}. Pass {caller.train_off.split(' ')[0]} for evaluation, "
+            f"{name}=False for training.") from None
     return (not flag) if isinstance(flag, bool) else jnp.logical_not(flag)
 
 
-class _BatchNormBase(nn.Module):
-    """Fields and variable handling shared by :class:`BatchNorm` and :class:`BatchRenorm`."""
+def _check_not_swapped(caller: Caller, inputs: Any, rng: Any, name: str) -> None:
+    """``layer(key, rng=x)``: say that the two look swapped, in the layer's own terms."""
+    if _checks.is_key(inputs):
+        raise TypeError(
+            f"{caller.fn}: `inputs` is a PRNG key ({inputs.dtype}), not data: were `inputs` and "
+            f"`{name}` swapped? Call the layer on the array to drop, and pass the key as "
+            f"`{name}`.")
 
-    use_running_average: bool | None = None
-    axis: int | Sequence[int] = -1
-    momentum: float | None = 0.99
-    epsilon: float = 1e-5
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = initializers.zeros
-    scale_init: Initializer = initializers.ones
-    axis_name: Any = None
-    axis_index_groups: Any = None
-    use_fast_variance: bool = True
-    force_float32_reductions: bool = True
 
-    def _pure(self, params, state, x, train, *, mask, axis_name, groups, initializing,
-              out_dtype):
+def _check_rng(caller: Caller, rng: Any, name: str) -> jax.Array:
+    """A key passed to the call: the core's check, naming the layer's argument."""
+    try:
+        return _checks.check_key(rng, caller.fn, caller.train_off)
+    except TypeError as err:
+        raise TypeError(str(err).replace("`key`", f"`{name}`", 1)) from None
+
+
+class _BatchNormShell(nn.BatchNorm):
+    """Variable handling shared by :class:`BatchNorm` and :class:`BatchRenorm`."""
+
+    def _pure(self, caller, params, state, x, train, **kw):
         raise NotImplementedError
 
     @nn.compact
@@ -100,16 +132,20 @@ class _BatchNormBase(nn.Module):
           The normalised ``x``, in Flax's output dtype: ``dtype`` if given, else
           the result type of ``x``, ``scale`` and ``bias``.
         """
-        fn = f"dropnorm.linen.{type(self).__name__}"
+        caller = Caller(_name(self), train_off="use_running_average=True", x_name="x",
+                        flax_small_batch=True)
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average)
-        train = _train_from(use_running_average, fn, "use_running_average")
-        x = _checks.check_floating(x, fn)
-        feature_axes = _checks.normalize_axes(self.axis, x.ndim, fn)
+        train = _train_from(use_running_average, caller, "use_running_average")
+        x = jnp.asarray(x)
+        feature_axes = _checks.normalize_axes(self.axis, x.ndim, caller.fn)
         feature_shape = [x.shape[a] for a in feature_axes]
         stat_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        # A complex input has a complex mean: store it whole (the variance stays real).
+        mean_dtype = (jnp.promote_types(stat_dtype, x.dtype)
+                      if jnp.issubdtype(x.dtype, jnp.complexfloating) else stat_dtype)
         ra_mean = self.variable("batch_stats", "mean",
-                                lambda s: jnp.zeros(s, stat_dtype), feature_shape)
+                                lambda s: jnp.zeros(s, mean_dtype), feature_shape)
         ra_var = self.variable("batch_stats", "var",
                                lambda s: jnp.ones(s, stat_dtype), feature_shape)
         # The update count is only kept when a feature needs it: momentum=None.
@@ -120,57 +156,51 @@ class _BatchNormBase(nn.Module):
         bias = (self.param("bias", self.bias_init, feature_shape, self.param_dtype)
                 if self.use_bias else None)
         out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+        if not jnp.issubdtype(x.dtype, jnp.inexact) and not _checks.is_key(x):
+            # Flax takes integer input (e.g. uint8 pixels): statistics in >= float32.
+            x = x.astype(jnp.promote_types(out_dtype, jnp.float32))
         state = BatchNormState(
             ra_mean.value, ra_var.value,
             ra_count.value if ra_count is not None else jnp.zeros((), jnp.int32))
         initializing = self.is_initializing()
         y, new_state = self._pure(
-            BatchNormParams(scale, bias), state, x, train, mask=mask,
+            caller, BatchNormParams(scale, bias), state, x, train, axis=self.axis,
+            momentum=self.momentum, epsilon=self.epsilon, mask=mask,
             # Like Flax: no collective while initialising (the axis need not exist yet).
             axis_name=None if initializing else self.axis_name,
-            groups=None if initializing else self.axis_index_groups,
-            initializing=initializing, out_dtype=out_dtype)
-        if train is not False and not initializing:
+            axis_index_groups=None if initializing else self.axis_index_groups,
+            dtype=out_dtype)
+        if train is not False and not initializing:  # like Flax: init updates nothing
             ra_mean.value = new_state.mean
             ra_var.value = new_state.var
             if ra_count is not None:
                 ra_count.value = new_state.count
         return y
 
-    def _init_train(self, x, train, virtual_batch_size, initializing):
-        """While initialising, a batch too small for statistics (a common dummy input of
-        one example) normalises by the initial running statistics instead of raising; the
-        statistics are not updated then anyway. Ghost batches that do not divide it are off."""
-        if not initializing or train is False:
-            return train, virtual_batch_size
-        if virtual_batch_size is not None and x.shape[0] % virtual_batch_size:
-            virtual_batch_size = None
-        feature_axes = _checks.normalize_axes(self.axis, x.ndim, "BatchNorm")
-        n = math.prod(x.shape[a] for a in range(x.ndim) if a not in feature_axes)
-        if virtual_batch_size is not None:
-            n = n // x.shape[0] * virtual_batch_size
-        return (train if n >= 2 else False), virtual_batch_size
 
-
-class BatchNorm(_BatchNormBase):
+class BatchNorm(_BatchNormShell):
     """Batch normalisation; a drop-in replacement for ``flax.linen.BatchNorm``.
 
-    Same fields, defaults, call signature ``(x, use_running_average=None, *,
-    mask=None)``, variables (``params/scale``, ``params/bias``,
-    ``batch_stats/mean``, ``batch_stats/var``: shapes and dtypes as Flax's) and
-    output dtype (``dtype``, else the result type of ``x``, ``scale`` and
-    ``bias``), so a Flax checkpoint loads unchanged. Statistics are not updated
-    while initialising. The arithmetic is :func:`dropnorm.batch_norm`'s.
+    A subclass of ``flax.linen.BatchNorm`` with the same fields, defaults, call
+    signature ``(x, use_running_average=None, *, mask=None)``, variables
+    (``params/scale``, ``params/bias``, ``batch_stats/mean``,
+    ``batch_stats/var``: shapes and dtypes as Flax's) and output dtype
+    (``dtype``, else the result type of ``x``, ``scale`` and ``bias``), so a
+    Flax checkpoint loads unchanged. Statistics are not updated while
+    initialising, and one value per feature in training is normalised as Flax
+    does (batch mean = the value, variance 0: the output is ``bias``). The
+    arithmetic is :func:`dropnorm.batch_norm`'s.
 
     Differences from Flax (improvements): the variance is always the accurate
     two-pass one (``use_fast_variance`` is accepted for compatibility and
     ignored); statistics are always computed in at least float32 (with
     ``force_float32_reductions=False`` the stored statistics still get
     ``param_dtype``, as Flax's do); ``use_running_average`` may be a traced
-    bool; a feature with no unmasked element keeps its running statistics
-    (Flax stores NaN); training on one value per feature raises an error
-    (Flax outputs zeros), except while initialising, where such a batch is
-    normalised by the initial running statistics.
+    bool; a feature with no unmasked element is normalised by the running
+    statistics and keeps them (Flax outputs and stores NaN); for a complex
+    ``x`` the ``batch_stats/mean`` variable is created complex (Flax creates it
+    float32 and makes it complex at the first update; a float32 checkpoint
+    still loads).
 
     Attributes:
       use_running_average: True to normalise by the stored running statistics.
@@ -187,12 +217,16 @@ class BatchNorm(_BatchNormBase):
       use_fast_variance: accepted and ignored (always the two-pass variance).
       force_float32_reductions: Flax's field; statistics are always >= float32.
       virtual_batch_size: ghost batch normalisation (dropnorm extra): statistics
-        per chunk of this many examples along axis 0.
+        per chunk of this many examples along axis 0. While initialising, a
+        batch it does not divide (a dummy input) is normalised as one batch.
 
     Examples:
       >>> import jax, jax.numpy as jnp
+      >>> import flax.linen as nn
       >>> from dropnorm import linen as dnn
       >>> bn = dnn.BatchNorm(momentum=0.9)
+      >>> isinstance(bn, nn.BatchNorm)
+      True
       >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
       >>> variables = bn.init(jax.random.key(0), x, use_running_average=False)
       >>> jax.tree.map(jnp.shape, variables)
@@ -209,21 +243,23 @@ class BatchNorm(_BatchNormBase):
 
     virtual_batch_size: int | None = None
 
-    def _pure(self, params, state, x, train, *, mask, axis_name, groups, initializing,
-              out_dtype):
-        train, vbs = self._init_train(x, train, self.virtual_batch_size, initializing)
-        return batch_norm(params, state, x, train, axis=self.axis, momentum=self.momentum,
-                          epsilon=self.epsilon, mask=mask, axis_name=axis_name,
-                          axis_index_groups=groups, virtual_batch_size=vbs,
-                          dtype=out_dtype)
+    def _pure(self, caller, params, state, x, train, **kw):
+        vbs = self.virtual_batch_size
+        # A dummy init batch that ghost batches do not divide is normalised as one batch
+        # (init updates nothing, and Flax, which has no ghost batches, accepts any batch).
+        if (self.is_initializing() and isinstance(vbs, int) and not isinstance(vbs, bool)
+                and vbs > 0 and x.ndim and x.shape[0] % vbs):
+            vbs = None
+        return batch_norm_as(caller, params, state, x, train, virtual_batch_size=vbs, **kw)
 
 
-class BatchRenorm(_BatchNormBase):
+class BatchRenorm(_BatchNormShell):
     """Batch renormalisation: :class:`BatchNorm` whose training statistics are corrected.
 
-    Flax has no batch renormalisation; this module has ``BatchNorm``'s fields
-    and variables (so a ``flax.linen.BatchNorm`` checkpoint loads into it) plus
-    ``r_max`` and ``d_max``; see :func:`dropnorm.batch_renorm` for the formula.
+    Flax has no batch renormalisation; this module subclasses
+    ``flax.linen.BatchNorm`` with its fields and variables (so a
+    ``flax.linen.BatchNorm`` checkpoint loads into it) plus ``r_max`` and
+    ``d_max``; see :func:`dropnorm.batch_renorm` for the formula.
     ``r_max=1, d_max=0`` is plain batch normalisation.
 
     Attributes:
@@ -249,52 +285,45 @@ class BatchRenorm(_BatchNormBase):
     r_max: float = 3.0
     d_max: float = 5.0
 
-    def _pure(self, params, state, x, train, *, mask, axis_name, groups, initializing,
-              out_dtype):
-        train, _ = self._init_train(x, train, None, initializing)
-        return batch_renorm(params, state, x, train, r_max=self.r_max, d_max=self.d_max,
-                            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
-                            mask=mask, axis_name=axis_name,
-                            axis_index_groups=groups, dtype=out_dtype)
+    def _pure(self, caller, params, state, x, train, **kw):
+        return batch_renorm_as(caller, params, state, x, train, r_max=self.r_max,
+                               d_max=self.d_max, **kw)
 
 
-class _RandomBase(nn.Module):
-    """Shared call logic of the dropout family."""
-
-    _pure_fn = None  # set by subclasses (a staticmethod)
-    _flax_rate_one = False  # True for Dropout: rate 1 draws no key, as in Flax
-
-    def _extra(self) -> dict:
-        return {}
-
-    def _run(self, inputs, deterministic, rng):
-        fn = f"dropnorm.linen.{type(self).__name__}"
-        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-        train = _train_from(deterministic, fn, "deterministic")
-        rate = _checks.check_rate(self.rate, fn)
-        if train is False or (isinstance(rate, float) and rate == 0.0):
-            return inputs
-        if rng is None:
-            if self._flax_rate_one and isinstance(rate, float) and rate == 1.0:
-                rng = jax.random.key(_UNUSED_KEY_SEED)
-            else:
-                rng = self.make_rng(self.rng_collection)
-        return type(self)._pure_fn(rng, inputs, self.rate, train, **self._extra())
+def _random_call(module, kind, inputs, deterministic, rng, **kw):
+    """The call of every dropout-family module: Flax's flag merging and RNG use, then the
+    pure function."""
+    caller = Caller(_name(module), train_off="deterministic=True", x_name="inputs")
+    deterministic = nn.merge_param("deterministic", module.deterministic, deterministic)
+    train = _train_from(deterministic, caller, "deterministic")
+    rate = _checks.check_rate(module.rate, caller.fn)
+    if train is False or (isinstance(rate, float) and rate == 0.0):
+        return inputs
+    _check_not_swapped(caller, inputs, rng, "rng")
+    if rng is None:
+        if kind == "dropout" and isinstance(rate, float) and rate == 1.0:
+            rng = jax.random.key(_UNUSED_KEY_SEED)  # drops everything; Flax draws no key
+        else:
+            rng = module.make_rng(module.rng_collection)
+    else:
+        rng = _check_rng(caller, rng, "rng")
+    return random_map_as(caller, kind, rng, inputs, module.rate, train, **kw)
 
 
-class Dropout(_RandomBase):
+class Dropout(nn.Dropout):
     """Inverted dropout; a drop-in replacement for ``flax.linen.Dropout``.
 
-    Same fields (``rate``, ``broadcast_dims``, ``deterministic``,
-    ``rng_collection``), call signature ``(inputs, deterministic=None,
-    rng=None)`` and RNG use: one key from ``make_rng(rng_collection)`` per
-    training call, none when deterministic or when the rate is 0 or 1. The
-    arithmetic is :func:`dropnorm.dropout`'s.
+    A subclass of ``flax.linen.Dropout`` with the same fields (``rate``,
+    ``broadcast_dims``, ``deterministic``, ``rng_collection``), call signature
+    ``(inputs, deterministic=None, rng=None)`` and RNG use: one key from
+    ``make_rng(rng_collection)`` per training call, none when deterministic or
+    when the rate is 0 or 1. The arithmetic is :func:`dropnorm.dropout`'s.
 
     Differences from Flax: ``rate`` and ``deterministic`` may be traced (Flax
     raises); the keep probability is quantised to ``2**-mask_bits`` (default
     16 bits; ``mask_bits=32`` for finer rates); the masks differ from Flax's
-    for the same key; gradients at a traced rate of 1 are zeros, not NaN.
+    for the same key; gradients at a traced rate of 1 are zeros, not NaN; a
+    rate outside [0, 1] is an error (Flax quietly drops everything).
 
     Attributes:
       rate: the probability of dropping an element.
@@ -319,16 +348,11 @@ class Dropout(_RandomBase):
       Overfitting", JMLR 2014.
     """
 
-    rate: float
-    broadcast_dims: Sequence[int] = ()
-    deterministic: bool | None = None
-    rng_collection: str = "dropout"
     mask_bits: int = DEFAULT_BITS
 
-    _pure_fn = staticmethod(dropout)
-    _flax_rate_one = True
+    _kind = "dropout"  # the pure function: dropout, alpha, gaussian (not a field)
 
-    def _extra(self):
+    def _extra(self) -> dict:
         return {"broadcast_dims": tuple(self.broadcast_dims), "mask_bits": self.mask_bits}
 
     @nn.compact
@@ -344,14 +368,15 @@ class Dropout(_RandomBase):
         Returns:
           The array after dropout, same shape and dtype.
         """
-        return self._run(inputs, deterministic, rng)
+        return _random_call(self, self._kind, inputs, deterministic, rng, **self._extra())
 
 
 class AlphaDropout(Dropout):
     """Alpha dropout for SELU networks (:func:`dropnorm.alpha_dropout`); not in Flax.
 
-    Fields and call as :class:`Dropout`. Dropped units take SELU's negative
-    saturation value and an affine map keeps zero mean and unit variance.
+    Fields and call as :class:`Dropout` (a ``flax.linen.Dropout`` subclass too).
+    Dropped units take SELU's negative saturation value and an affine map keeps
+    zero mean and unit variance.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -365,8 +390,7 @@ class AlphaDropout(Dropout):
       Klambauer et al., "Self-Normalizing Neural Networks", NeurIPS 2017.
     """
 
-    _pure_fn = staticmethod(alpha_dropout)
-    _flax_rate_one = False
+    _kind = "alpha"
 
 
 class GaussianDropout(Dropout):
@@ -388,19 +412,19 @@ class GaussianDropout(Dropout):
       Overfitting", JMLR 2014, section 10.
     """
 
-    _pure_fn = staticmethod(gaussian_dropout)
-    _flax_rate_one = False
+    _kind = "gaussian"
 
-    def _extra(self):
-        return {"broadcast_dims": tuple(self.broadcast_dims)}
+    def _extra(self):  # normal noise: the resolution of a mask does not apply
+        return {"broadcast_dims": tuple(self.broadcast_dims), "mask_bits": 32}
 
 
-class DropPath(_RandomBase):
+class DropPath(nn.Module):
     """Stochastic depth: drop whole examples of a residual branch; not in Flax.
 
     Fields as :class:`Dropout` without ``broadcast_dims`` (every axis but the
     batch axis 0 shares the mask); see :func:`dropnorm.drop_path`. Use it as
-    ``x = x + DropPath(rate)(branch(x), deterministic=not train)``.
+    ``x = x + DropPath(rate)(branch(x), deterministic=not train)``. Not a
+    ``flax.linen.Dropout`` subclass: its second field is ``deterministic``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -419,12 +443,9 @@ class DropPath(_RandomBase):
     rng_collection: str = "dropout"
     mask_bits: int = DEFAULT_BITS
 
-    _pure_fn = staticmethod(drop_path)
-
-    def _extra(self):
-        return {"mask_bits": self.mask_bits}
-
     @nn.compact
     def __call__(self, inputs, deterministic: bool | None = None, rng=None):
         """Apply drop-path; arguments as :meth:`Dropout.__call__`."""
-        return self._run(inputs, deterministic, rng)
+        return _random_call(self, "drop_path", inputs, deterministic, rng,
+                            mask_bits=self.mask_bits)
+

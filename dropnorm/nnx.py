@@ -6,17 +6,27 @@ Change one import and keep everything else, checkpoints included::
     self.bn = dnx.BatchNorm(64, rngs=rngs)
     self.drop = dnx.Dropout(0.1, rngs=rngs)
 
-The modules have ``flax.nnx``'s constructor and call signatures and attribute
-names: ``nnx.Param`` ``scale`` / ``bias`` and ``nnx.BatchStat`` ``mean`` /
-``var`` (Dropout: the forked ``rngs`` stream), so ``nnx.state`` has Flax's
-structure and ``nnx.update(ours, nnx.state(theirs))`` works both ways;
-``model.train()`` / ``model.eval()`` / ``nnx.view`` switch
-``use_running_average`` and ``deterministic``; dropout advances its RNG stream
-on every call, so it draws a fresh mask under ``nnx.jit`` and a different one per
-member under ``nnx.vmap`` with split RNGs. The output dtype follows Flax's
-``promote_dtype`` rule. The modules hold no arithmetic: they store variables and
-call the pure functions (:func:`dropnorm.batch_norm`, :func:`dropnorm.dropout`,
-...), which is where every difference from Flax comes from:
+:class:`BatchNorm` and :class:`BatchRenorm` subclass ``flax.nnx.BatchNorm``;
+:class:`Dropout` and the rest of the family subclass ``flax.nnx.Dropout``. So
+``isinstance``, ``model.set_attributes(nnx.Dropout, ...)``,
+``nnx.view(model, only=nnx.BatchNorm, ...)``, ``nnx.view_info``,
+``nnx.display`` and ``nnx.tabulate`` treat them as Flax's own. The modules have
+``flax.nnx``'s constructor and call signatures (written out: ``help`` and
+``inspect.signature`` show them) and attribute names: ``nnx.Param`` ``scale`` /
+``bias`` and ``nnx.BatchStat`` ``mean`` / ``var`` (Dropout: the forked ``rngs``
+stream), so ``nnx.state`` has Flax's structure and
+``nnx.update(ours, nnx.state(theirs))`` works both ways; ``model.train()`` /
+``model.eval()`` / ``nnx.view`` switch ``use_running_average`` and
+``deterministic``; dropout advances its RNG stream on every call, so it draws a
+fresh mask under ``nnx.jit`` and a different one per member under ``nnx.vmap``
+with split RNGs. One value per feature in training is normalised as Flax does
+(to the bias), so ``nnx.scan`` / ``nnx.vmap`` with a per-step batch of 1 and
+``nnx.tabulate`` on a one-example input work. The output dtype follows Flax's
+rule (``promote_dtype``, then ``dtype`` or the result type of the input, scale
+and bias). Errors name the module and its own arguments. The modules hold no
+arithmetic: they store variables and call the pure functions
+(:func:`dropnorm.batch_norm`, :func:`dropnorm.dropout`, ...), which is where
+every difference from Flax comes from:
 
 * the variance is always the accurate two-pass one (``use_fast_variance`` is
   accepted and ignored), and normalisation is computed in at least float32
@@ -25,8 +35,11 @@ call the pure functions (:func:`dropnorm.batch_norm`, :func:`dropnorm.dropout`,
 * ``rate`` and ``deterministic`` / ``use_running_average`` may be traced;
 * dropout's keep probability is quantised to ``2**-mask_bits`` and its masks
   differ from Flax's for the same key;
-* a feature with no unmasked element keeps its running statistics; training on
-  one value per feature is an error;
+* a feature with no unmasked element is normalised by the running statistics
+  and keeps them (Flax outputs NaN and stores it);
+* complex inputs: the running ``mean`` becomes complex and keeps the whole
+  batch mean (Flax casts it into its float32 variable, dropping the imaginary
+  part); the variance and the training output are Flax's;
 * extras: ``num_features`` may be a tuple (several feature axes),
   ``virtual_batch_size``, ``momentum=None`` (stores a ``count`` BatchStat),
   ``mask_bits``, and ``AlphaDropout``, ``GaussianDropout``, ``DropPath``,
@@ -35,32 +48,71 @@ call the pure functions (:func:`dropnorm.batch_norm`, :func:`dropnorm.dropout`,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from flax.nnx import rnglib
-from flax.nnx.module import first_from
-from flax.nnx.nn import dtypes, initializers
+import numpy as np
+
+try:
+    from flax import nnx
+    from flax.nnx import rnglib
+    from flax.nnx.module import first_from
+    from flax.nnx.nn import dtypes, initializers
+except ModuleNotFoundError as _err:  # only a missing Flax gets the install hint
+    if (_err.name or "").partition(".")[0] != "flax":
+        raise
+    raise ImportError(
+        'dropnorm.nnx needs Flax, which is not installed. Install it with: '
+        'pip install "dropnorm[flax]"') from _err
 
 from dropnorm import _checks
-from dropnorm._batch_norm import BatchNormParams, BatchNormState, batch_norm, batch_renorm
-from dropnorm._dropout import alpha_dropout, drop_path, dropout, gaussian_dropout
+from dropnorm._batch_norm import BatchNormParams, BatchNormState, batch_norm_as, batch_renorm_as
+from dropnorm._checks import Caller
+from dropnorm._dropout import random_map_as
 from dropnorm._masks import DEFAULT_BITS
 
 __all__ = ["AlphaDropout", "BatchNorm", "BatchRenorm", "DropPath", "Dropout", "GaussianDropout"]
 
-_ZEROS = initializers.zeros_init()  # Flax's defaults, as module-level singletons
+_ZEROS = initializers.zeros_init()  # Flax's defaults
 _ONES = initializers.ones_init()
 _UNUSED_KEY_SEED = 0  # see Dropout: a static rate of 1 draws no key, as in Flax
 
 
-def _train_from(flag: Any, fn: str, name: str) -> bool | jax.Array:
-    """``not flag`` for a Python/NumPy/JAX boolean flag (traced flags stay traced)."""
-    flag = _checks.check_train(flag, fn, name)
+class _ConstructorSignature:
+    """``inspect.signature(cls)`` (and ``help``) show ``__init__``'s arguments instead of
+    the ``(*args, **kwargs)`` of NNX's metaclass; instances keep their ``__call__``'s."""
+
+    def __get__(self, obj, cls):
+        if obj is not None:
+            raise AttributeError("__signature__")
+        sig = inspect.signature(cls.__init__)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
+def _name(module) -> str:
+    """``dropnorm.nnx.<class>`` for the first dropnorm class of ``module``."""
+    for cls in type(module).__mro__:
+        if cls.__module__ == __name__:
+            return f"dropnorm.nnx.{cls.__name__}"
+    return f"dropnorm.nnx.{type(module).__name__}"  # pragma: no cover
+
+
+def _train_from(flag: Any, caller: Caller, name: str) -> bool | jax.Array:
+    """``not flag`` for a Python/NumPy/JAX boolean flag (traced flags stay traced).
+
+    ``flag`` is ``use_running_average`` or ``deterministic``: True switches training off,
+    the reverse of the pure functions' ``train``, so the hint is the module's own."""
+    try:
+        flag = _checks.check_train(flag, caller.fn, name)
+    except TypeError:
+        raise TypeError(
+            f"{caller.fn}: `{name}` must be a Python bool or a boolean scalar array (which may "
+            f"be traced); got {flag!r}. Pass {caller.train_off.split(' ')[0]} for evaluation, "
+            f"{name}=False for training.") from None
     return (not flag) if isinstance(flag, bool) else jnp.logical_not(flag)
 
 
@@ -80,50 +132,62 @@ def _feature_shape(num_features, fn):
     return shape
 
 
-class _BatchNormBase(nnx.Module):
-    """Variables and call logic shared by :class:`BatchNorm` and :class:`BatchRenorm`."""
+def _store(variable, value):
+    """Write a new running statistic: in place when the dtype is unchanged; replaced when a
+    complex input turns a real running mean complex (writing in place would drop the
+    imaginary part)."""
+    value = jax.lax.stop_gradient(value)  # running statistics never carry gradients
+    if value.dtype == variable[...].dtype:
+        variable[...] = value
+    else:
+        variable.set_value(value)
 
-    def __init__(self, num_features, *, use_running_average: bool | None = False,
-                 axis: int | Sequence[int] = -1, momentum: float | None = 0.99,
-                 epsilon: float = 1e-5, dtype: Any = None, param_dtype: Any = jnp.float32,
-                 use_bias: bool = True, use_scale: bool = True,
-                 bias_init=_ZEROS, scale_init=_ONES,
-                 axis_name: Any = None, axis_index_groups: Any = None,
-                 use_fast_variance: bool = True, promote_dtype=dtypes.promote_dtype,
-                 rngs: rnglib.Rngs, bias_metadata=MappingProxyType({}),
-                 scale_metadata=MappingProxyType({})):
-        feature_shape = _feature_shape(num_features, f"dropnorm.nnx.{type(self).__name__}")
-        self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
-        if momentum is None:  # the cumulative average needs the number of updates
-            self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
-        self.scale: nnx.Param | None
-        if use_scale:
-            self.scale = nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype),
-                                   **scale_metadata)
-        else:
-            self.scale = nnx.data(None)
-        self.bias: nnx.Param | None
-        if use_bias:
-            self.bias = nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype),
-                                  **bias_metadata)
-        else:
-            self.bias = nnx.data(None)
-        self.num_features = num_features
-        self.use_running_average = use_running_average
-        self.axis = axis
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.promote_dtype = promote_dtype
 
-    def _pure(self, params, state, x, train, mask, out_dtype):
+def _init_batch_norm(self, num_features, *, use_running_average, axis, momentum, epsilon,
+                     dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, axis_name,
+                     axis_index_groups, use_fast_variance, promote_dtype, rngs, bias_metadata,
+                     scale_metadata):
+    """Flax's ``nnx.BatchNorm.__init__`` for a feature shape (a tuple ``num_features``) and
+    a cumulative average (``momentum=None`` stores a ``count``)."""
+    feature_shape = _feature_shape(num_features, _name(self))
+    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    if momentum is None:  # the cumulative average needs the number of updates
+        self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+    self.scale: nnx.Param | None
+    if use_scale:
+        self.scale = nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype),
+                               **scale_metadata)
+    else:
+        self.scale = nnx.data(None)
+    self.bias: nnx.Param | None
+    if use_bias:
+        self.bias = nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype),
+                              **bias_metadata)
+    else:
+        self.bias = nnx.data(None)
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+
+
+class _BatchNormShell(nnx.BatchNorm):
+    """The call shared by :class:`BatchNorm` and :class:`BatchRenorm` (``set_view`` is
+    Flax's)."""
+
+    __signature__ = _ConstructorSignature()
+
+    def _pure(self, caller, params, state, x, train, **kw):
         raise NotImplementedError
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -139,74 +203,90 @@ class _BatchNormBase(nnx.Module):
 
         Returns:
           The normalised ``x``, in Flax's output dtype: ``dtype`` if given, else
-          the result type of ``x``, the statistics, ``scale`` and ``bias``.
+          the result type of ``x``, ``scale`` and ``bias`` after
+          ``promote_dtype``.
         """
-        fn = f"dropnorm.nnx.{type(self).__name__}"
+        fn = _name(self)
+        caller = Caller(fn, train_off="use_running_average=True (or model.eval())",
+                        x_name="x", flax_small_batch=True)
         use_running_average = first_from(
             use_running_average, self.use_running_average,
             error_msg=(f"{fn}: no `use_running_average` was given. Pass it to the constructor "
                        "or the call, or use model.train() / model.eval() / nnx.view."))
-        train = _train_from(use_running_average, fn, "use_running_average")
-        x = _checks.check_floating(x, fn)
+        train = _train_from(use_running_average, caller, "use_running_average")
+        x = jnp.asarray(x)
         axes = _checks.normalize_axes(self.axis, x.ndim, fn)
-        if tuple(x.shape[a] for a in axes) != tuple(self.mean[...].shape):
-            n = tuple(x.shape[a] for a in axes)
+        n = tuple(x.shape[a] for a in axes)
+        if n != tuple(self.var[...].shape):
+            n = n if len(n) > 1 else n[0]
             raise ValueError(
-                f"{fn}: `x` of shape {tuple(x.shape)} has {n if len(n) > 1 else n[0]} features "
-                f"along axis {self.axis!r}, but the layer was built with num_features="
-                f"{self.num_features!r}. Build it with num_features={n if len(n) > 1 else n[0]}, "
-                f"or set `axis` to the feature axis.")
+                f"{fn}: `x` of shape {tuple(x.shape)} has {n} features along axis "
+                f"{self.axis!r}, but the layer was built with num_features="
+                f"{self.num_features!r}. Build it with num_features={n}, or set `axis` to the "
+                f"feature axis.")
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         # Flax's dtype rule: promote x, statistics, scale and bias together (or cast them to
-        # `dtype`). The stored statistics are passed as they are (float32): the pure function
-        # computes in at least float32 and casts the output to that dtype.
+        # `dtype`), and give the output `dtype`, else the result type of x, scale and bias.
+        # The stored statistics are passed as they are (float32): the pure function computes
+        # in at least float32 and casts the output to that dtype.
         x, _, _, scale, bias = self.promote_dtype(
             (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+        out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
         count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
         state = BatchNormState(self.mean[...], self.var[...], count)
-        y, new_state = self._pure(BatchNormParams(scale, bias), state, x, train, mask, x.dtype)
+        y, new_state = self._pure(
+            caller, BatchNormParams(scale, bias), state, x, train, axis=self.axis,
+            momentum=self.momentum, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=out_dtype)
         if train is not False:
-            # Running statistics never carry gradients (Flax stops them for array refs).
-            self.mean[...] = jax.lax.stop_gradient(new_state.mean)
-            self.var[...] = jax.lax.stop_gradient(new_state.var)
+            _store(self.mean, new_state.mean)
+            _store(self.var, new_state.var)
             if self.momentum is None:
                 self.count[...] = new_state.count
         return y
 
-    def set_view(self, use_running_average: bool | None = None):
-        """Used by ``nnx.view``: set ``use_running_average`` when given."""
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
 
-
-class BatchNorm(_BatchNormBase):
+class BatchNorm(_BatchNormShell):
     """Batch normalisation; a drop-in replacement for ``flax.nnx.BatchNorm``.
 
-    Same constructor (``num_features, *, use_running_average=False, axis=-1,
-    momentum=0.99, epsilon=1e-5, dtype=None, param_dtype=float32, use_bias,
-    use_scale, bias_init, scale_init, axis_name, axis_index_groups,
-    use_fast_variance, promote_dtype, rngs, bias_metadata, scale_metadata``),
-    call ``(x, use_running_average=None, *, mask=None)``, variables
-    (``nnx.Param`` ``scale`` / ``bias``, ``nnx.BatchStat`` ``mean`` / ``var``)
+    A subclass of ``flax.nnx.BatchNorm`` with the same constructor
+    (``num_features, *, use_running_average=False, axis=-1, momentum=0.99,
+    epsilon=1e-5, dtype=None, param_dtype=float32, use_bias, use_scale,
+    bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
+    promote_dtype, rngs, bias_metadata, scale_metadata``), call ``(x,
+    use_running_average=None, *, mask=None)``, variables (``nnx.Param``
+    ``scale`` / ``bias``, ``nnx.BatchStat`` ``mean`` / ``var``), ``set_view``
     and output dtype; ``model.train()`` / ``model.eval()`` set
-    ``use_running_average``. The arithmetic is :func:`dropnorm.batch_norm`'s.
+    ``use_running_average``. One value per feature in training is normalised
+    as Flax does (to ``bias``). The arithmetic is :func:`dropnorm.batch_norm`'s.
 
     Differences from Flax (improvements): the variance is always the accurate
     two-pass one (``use_fast_variance`` is ignored); with ``dtype`` set (e.g.
     bfloat16), inputs and parameters are cast to it as in Flax but the
     normalisation is computed in float32 with float32 running statistics, then
     cast (Flax computes in ``dtype``); ``use_running_average`` may be traced; a
-    feature with no unmasked element keeps its statistics; training on one value
-    per feature raises an error. Extras: ``num_features`` may be a tuple for a
-    tuple ``axis``; ``virtual_batch_size`` (ghost batches); ``momentum=None``
-    (cumulative average, with a ``count`` BatchStat).
+    feature with no unmasked element is normalised by the running statistics
+    and keeps them (Flax: NaN); a complex input makes the running ``mean``
+    complex, keeping the whole batch mean (Flax keeps only its real part).
+    Extras: ``num_features`` may be a tuple for a tuple ``axis``;
+    ``virtual_batch_size`` (ghost batches); ``momentum=None`` (cumulative
+    average, with a ``count`` BatchStat).
+
+    Args:
+      num_features: the number of features, or a tuple of them for a tuple
+        ``axis``.
+      virtual_batch_size: ghost batch normalisation (dropnorm extra):
+        statistics per chunk of this many examples along axis 0.
+      Everything else: as ``flax.nnx.BatchNorm``.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from dropnorm import nnx as dnx
       >>> bn = dnx.BatchNorm(2, momentum=0.9, rngs=nnx.Rngs(0))
+      >>> isinstance(bn, nnx.BatchNorm)
+      True
       >>> y = bn(jnp.array([[1.0, 10.0], [3.0, 30.0]]))
       >>> y.round(3).tolist(), [round(m, 3) for m in bn.mean[...].tolist()]
       ([[-1.0, -1.0], [1.0, 1.0]], [0.2, 2.0])
@@ -220,24 +300,55 @@ class BatchNorm(_BatchNormBase):
       longer, generalize better", NeurIPS 2017 (ghost batches).
     """
 
-    def __init__(self, num_features, *, virtual_batch_size: int | None = None, **kwargs):
-        super().__init__(num_features, **kwargs)
+    def __init__(
+        self,
+        num_features: int | tuple[int, ...],
+        *,
+        use_running_average: bool | None = False,
+        axis: int | Sequence[int] = -1,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Any = _ZEROS,
+        scale_init: Any = _ONES,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = dtypes.promote_dtype,
+        rngs: rnglib.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        virtual_batch_size: int | None = None,
+    ):
+        _init_batch_norm(
+            self, num_features, use_running_average=use_running_average, axis=axis,
+            momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+            use_bias=use_bias, use_scale=use_scale, bias_init=bias_init, scale_init=scale_init,
+            axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype, rngs=rngs,
+            bias_metadata=bias_metadata, scale_metadata=scale_metadata)
         self.virtual_batch_size = virtual_batch_size
 
-    def _pure(self, params, state, x, train, mask, out_dtype):
-        return batch_norm(params, state, x, train, axis=self.axis, momentum=self.momentum,
-                          epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                          axis_index_groups=self.axis_index_groups,
-                          virtual_batch_size=self.virtual_batch_size, dtype=out_dtype)
+    def _pure(self, caller, params, state, x, train, **kw):
+        return batch_norm_as(caller, params, state, x, train,
+                             virtual_batch_size=self.virtual_batch_size, **kw)
 
 
-class BatchRenorm(_BatchNormBase):
+class BatchRenorm(_BatchNormShell):
     """Batch renormalisation (:func:`dropnorm.batch_renorm`); not in Flax.
 
-    :class:`BatchNorm`'s constructor, variables and call (no
-    ``virtual_batch_size``) plus ``r_max`` and ``d_max``, so an
+    A ``flax.nnx.BatchNorm`` subclass with its constructor, variables and call
+    (no ``virtual_batch_size``) plus ``r_max`` and ``d_max``, so an
     ``nnx.BatchNorm`` state loads into it. ``r_max=1, d_max=0`` is plain batch
     normalisation.
+
+    Args:
+      r_max: bound on the scale correction ``r`` (>= 1).
+      d_max: bound on the shift correction ``|d|`` (>= 0).
+      Everything else: as :class:`BatchNorm`.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -252,35 +363,72 @@ class BatchRenorm(_BatchNormBase):
       Batch-Normalized Models", NeurIPS 2017.
     """
 
-    def __init__(self, num_features, *, r_max: float = 3.0, d_max: float = 5.0, **kwargs):
-        super().__init__(num_features, **kwargs)
+    def __init__(
+        self,
+        num_features: int | tuple[int, ...],
+        *,
+        use_running_average: bool | None = False,
+        axis: int | Sequence[int] = -1,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Any = _ZEROS,
+        scale_init: Any = _ONES,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = dtypes.promote_dtype,
+        rngs: rnglib.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+    ):
+        _init_batch_norm(
+            self, num_features, use_running_average=use_running_average, axis=axis,
+            momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+            use_bias=use_bias, use_scale=use_scale, bias_init=bias_init, scale_init=scale_init,
+            axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype, rngs=rngs,
+            bias_metadata=bias_metadata, scale_metadata=scale_metadata)
         self.r_max = r_max
         self.d_max = d_max
 
-    def _pure(self, params, state, x, train, mask, out_dtype):
-        return batch_renorm(params, state, x, train, r_max=self.r_max, d_max=self.d_max,
-                            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
-                            mask=mask, axis_name=self.axis_name,
-                            axis_index_groups=self.axis_index_groups, dtype=out_dtype)
+    def _pure(self, caller, params, state, x, train, **kw):
+        return batch_renorm_as(caller, params, state, x, train, r_max=self.r_max,
+                               d_max=self.d_max, **kw)
 
 
-class Dropout(nnx.Module):
+class Dropout(nnx.Dropout):
     """Inverted dropout; a drop-in replacement for ``flax.nnx.Dropout``.
 
-    Same constructor ``(rate, *, broadcast_dims=(), deterministic=False,
-    rng_collection='dropout', rngs=None)`` (the ``rng_collection`` stream of
-    ``rngs`` is forked and stored as ``rngs``, as Flax does), call ``(inputs, *,
-    deterministic=None, rngs=None)`` and RNG use: one key per training call
-    (none when deterministic or at a static rate of 0 or 1), from the call's
-    ``rngs`` (an ``Rngs``, a stream or a key) or the stored stream. The stream's
-    counter is module state, so every call under ``nnx.jit`` draws a fresh mask,
-    and ``nnx.vmap`` with split RNGs gives each member its own.
-    ``model.train()`` / ``model.eval()`` set ``deterministic``. The arithmetic
-    is :func:`dropnorm.dropout`'s.
+    A subclass of ``flax.nnx.Dropout`` with the same constructor ``(rate, *,
+    broadcast_dims=(), deterministic=False, rng_collection='dropout',
+    rngs=None)`` (the ``rng_collection`` stream of ``rngs`` is forked and
+    stored as ``rngs``, as Flax does), call ``(inputs, *, deterministic=None,
+    rngs=None)``, ``set_view`` and RNG use: one key per training call (none
+    when deterministic or at a static rate of 0 or 1), from the call's ``rngs``
+    (an ``Rngs``, a stream or a key) or the stored stream. The stream's counter
+    is module state, so every call under ``nnx.jit`` draws a fresh mask, and
+    ``nnx.vmap`` with split RNGs gives each member its own. ``model.train()`` /
+    ``model.eval()`` set ``deterministic``. The arithmetic is
+    :func:`dropnorm.dropout`'s.
 
     Differences from Flax: ``rate`` and ``deterministic`` may be traced; the
     keep probability is quantised to ``2**-mask_bits`` (extra keyword, default
-    16); the masks differ from Flax's for the same key.
+    16); the masks differ from Flax's for the same key; a rate outside [0, 1]
+    is an error.
+
+    Args:
+      rate: the probability of dropping an element.
+      broadcast_dims: axes that share one mask value.
+      deterministic: True to return the input unchanged.
+      rng_collection: the stream of ``rngs`` to fork.
+      rngs: an ``nnx.Rngs`` or ``nnx.RngStream`` (or None: pass one at call time).
+      mask_bits: 8, 16 or 32: the resolution of the keep probability (extra).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -299,12 +447,19 @@ class Dropout(nnx.Module):
       Overfitting", JMLR 2014.
     """
 
-    _pure_fn = staticmethod(dropout)
-    _flax_rate_one = True
+    __signature__ = _ConstructorSignature()
+    _kind = "dropout"  # the pure function: dropout, alpha, gaussian, drop_path
 
-    def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
-                 deterministic: bool | None = False, rng_collection: str = "dropout",
-                 rngs: rnglib.Rngs | rnglib.RngStream | None = None, mask_bits: int = DEFAULT_BITS):
+    def __init__(
+        self,
+        rate: float,
+        *,
+        broadcast_dims: Sequence[int] = (),
+        deterministic: bool | None = False,
+        rng_collection: str = "dropout",
+        rngs: rnglib.Rngs | rnglib.RngStream | None = None,
+        mask_bits: int = DEFAULT_BITS,
+    ):
         self.rate = rate
         self.broadcast_dims = broadcast_dims
         self.deterministic = deterministic
@@ -317,8 +472,8 @@ class Dropout(nnx.Module):
         elif rngs is None:
             self.rngs = nnx.data(None)
         else:
-            raise TypeError(f"dropnorm.nnx.{type(self).__name__}: `rngs` must be an nnx.Rngs, "
-                            f"an nnx.RngStream or None; got {type(rngs).__name__}.")
+            raise TypeError(f"{_name(self)}: `rngs` must be an nnx.Rngs, an nnx.RngStream or "
+                            f"None; got {type(rngs).__name__}.")
 
     def _extra(self) -> dict:
         return {"broadcast_dims": tuple(self.broadcast_dims), "mask_bits": self.mask_bits}
@@ -336,16 +491,22 @@ class Dropout(nnx.Module):
         Returns:
           The array after dropout, same shape and dtype.
         """
-        fn = f"dropnorm.nnx.{type(self).__name__}"
+        fn = _name(self)
+        caller = Caller(fn, train_off="deterministic=True (or model.eval())", x_name="inputs")
         deterministic = first_from(
             deterministic, self.deterministic,
             error_msg=(f"{fn}: no `deterministic` was given. Pass it to the constructor or "
                        "the call, or use model.train() / model.eval() / nnx.view."))
-        train = _train_from(deterministic, fn, "deterministic")
+        train = _train_from(deterministic, caller, "deterministic")
         rate = _checks.check_rate(self.rate, fn)
+        if _checks.is_key(inputs):
+            raise TypeError(
+                f"{fn}: `inputs` is a PRNG key ({inputs.dtype}), not data: were `inputs` and "
+                f"`rngs` swapped? Call the layer on the array to drop, and pass the key as "
+                f"`rngs`.")
         if train is False or (isinstance(rate, float) and rate == 0.0):
             return inputs
-        if self._flax_rate_one and isinstance(rate, float) and rate == 1.0:
+        if self._kind == "dropout" and isinstance(rate, float) and rate == 1.0:
             key = jax.random.key(_UNUSED_KEY_SEED)  # drops everything whatever the key
         else:
             rngs = first_from(
@@ -356,23 +517,21 @@ class Dropout(nnx.Module):
                 key = rngs[self.rng_collection]()
             elif isinstance(rngs, rnglib.RngStream):
                 key = rngs()
-            elif isinstance(rngs, jax.Array):
-                key = rngs
+            elif isinstance(rngs, (jax.Array, np.ndarray)):
+                try:  # the core's check, naming this call's argument
+                    key = _checks.check_key(rngs, fn, caller.train_off)
+                except TypeError as err:
+                    raise TypeError(str(err).replace("`key`", "`rngs`", 1)) from None
             else:
                 raise TypeError(f"{fn}: `rngs` must be an nnx.Rngs, an nnx.RngStream or a key; "
                                 f"got {type(rngs).__name__}.")
-        return type(self)._pure_fn(key, inputs, self.rate, train, **self._extra())
-
-    def set_view(self, deterministic: bool | None = None):
-        """Used by ``nnx.view``: set ``deterministic`` when given."""
-        if deterministic is not None:
-            self.deterministic = deterministic
+        return random_map_as(caller, self._kind, key, inputs, self.rate, train, **self._extra())
 
 
 class AlphaDropout(Dropout):
     """Alpha dropout for SELU networks (:func:`dropnorm.alpha_dropout`); not in Flax.
 
-    Constructor and call as :class:`Dropout`.
+    Constructor and call as :class:`Dropout` (an ``nnx.Dropout`` subclass too).
 
     Examples:
       >>> import jax
@@ -387,8 +546,7 @@ class AlphaDropout(Dropout):
       Klambauer et al., "Self-Normalizing Neural Networks", NeurIPS 2017.
     """
 
-    _pure_fn = staticmethod(alpha_dropout)
-    _flax_rate_one = False
+    _kind = "alpha"
 
 
 class GaussianDropout(Dropout):
@@ -409,11 +567,10 @@ class GaussianDropout(Dropout):
       Overfitting", JMLR 2014, section 10.
     """
 
-    _pure_fn = staticmethod(gaussian_dropout)
-    _flax_rate_one = False
+    _kind = "gaussian"
 
-    def _extra(self):
-        return {"broadcast_dims": tuple(self.broadcast_dims)}
+    def _extra(self):  # normal noise: the resolution of a mask does not apply
+        return {"broadcast_dims": tuple(self.broadcast_dims), "mask_bits": 32}
 
 
 class DropPath(Dropout):
@@ -434,12 +591,17 @@ class DropPath(Dropout):
       Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016.
     """
 
-    _pure_fn = staticmethod(drop_path)
-    _flax_rate_one = False
+    _kind = "drop_path"
 
-    def __init__(self, rate: float, *, deterministic: bool | None = False,
-                 rng_collection: str = "dropout",
-                 rngs: rnglib.Rngs | rnglib.RngStream | None = None, mask_bits: int = DEFAULT_BITS):
+    def __init__(
+        self,
+        rate: float,
+        *,
+        deterministic: bool | None = False,
+        rng_collection: str = "dropout",
+        rngs: rnglib.Rngs | rnglib.RngStream | None = None,
+        mask_bits: int = DEFAULT_BITS,
+    ):
         super().__init__(rate, deterministic=deterministic, rng_collection=rng_collection,
                          rngs=rngs, mask_bits=mask_bits)
 
