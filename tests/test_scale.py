@@ -1,0 +1,128 @@
+"""The shape of the compiled program across devices: collectives per BatchNorm layer.
+
+Not a timing: each test compiles one ``batch_norm(..., axis_name="b")`` layer (256
+features) under ``shard_map`` and ``pmap`` on 8 and on 64 simulated CPU devices, reads every
+collective from the optimised HLO (``jit(f).lower(...).compile().as_text()``, after XLA's
+all-reduce combiner) and compares the count and the operand bytes with
+``flax.linen.BatchNorm(axis_name=...)`` compiled the same way. Flax's form is one
+all-reduce of ``2 x features`` floats whatever the number of devices; dropnorm's exact
+combination may cost more, but never more than twice that, in at most 2 collectives, and
+the same at 8 and 64 devices (issue 12).
+
+The device count is fixed when JAX starts (``XLA_FLAGS``, which tests/conftest.py sets to
+8 for the session), so each device count runs in its own subprocess. The probe is the
+benchmark's own (``benchmarks/bench.py``: ``scale_layers``, ``hlo_collectives``), so the
+"scale" table of BENCHMARKS.md and these tests read the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import dropnorm
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+from bench import SCALE_FEATURES, hlo_collectives  # noqa: E402
+
+DEVICES = (8, 64)
+FLAX_BYTES = 2 * SCALE_FEATURES * 4  # one pmean of (mean, mean of squares), float32
+# (transform, variant, pass) compiled in each subprocess; both dropnorm and Flax where Flax
+# supports it (JAX has no grouped psum under shard_map, so Flax has no groups there).
+CELLS = [
+    ("shard_map", "plain", "fwd"), ("shard_map", "plain", "fwd+bwd"),
+    ("shard_map", "mask", "fwd"),
+    ("shard_map", "groups=2", "fwd"), ("shard_map", "groups=4", "fwd"),
+    ("pmap", "plain", "fwd"), ("pmap", "plain", "fwd+bwd"),
+]
+FORWARD = [c for c in CELLS if c[2] == "fwd" and not c[1].startswith("groups")]
+
+
+def _probe(n: int) -> list[dict]:
+    # The subprocess imports the same dropnorm as this session (wherever it was found).
+    root = pathlib.Path(dropnorm.__file__).resolve().parents[1]
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={n}".strip(),
+               PYTHONPATH=os.pathsep.join([str(root), str(BENCH),
+                                           os.environ.get("PYTHONPATH", "")]))
+    code = ("import json, sys, bench; "
+            f"print(json.dumps(bench.scale_layers({n}, only={[tuple(c) for c in CELLS]!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(BENCH),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["layers"]
+
+
+@pytest.fixture(scope="module")
+def cells() -> dict:
+    out = {}
+    for n in DEVICES:
+        for c in _probe(n):
+            out[(n, c["transform"], c["variant"], c["mode"], c["impl"])] = c
+    return out
+
+
+def _show(c: dict) -> str:
+    return f"{c['count']} collectives, {c['bytes']} bytes: {c['ops']}"
+
+
+def test_hlo_collectives_reads_counts_and_operand_bytes():
+    # A hand-written module in the compiled form: a tuple all-reduce (the combiner's output),
+    # an all-gather whose result is 8x its operand, an async pair counted once.
+    text = """
+HloModule m
+ENTRY %main (p0: f32[1,256]) -> f32[8,256] {
+  %p0 = f32[1,256]{1,0} parameter(0)
+  %p1 = bf16[2,256]{1,0} parameter(1)
+  %ar = (f32[1,256]{1,0}, bf16[2,256]{1,0}) all-reduce(%p0, %p1), channel_id=1, to_apply=%add
+  %ag = f32[8,256]{1,0} all-gather(%p0), channel_id=2, dimensions={0}
+  %s = f32[1,256]{1,0} all-reduce-start(%p0), channel_id=3, to_apply=%add
+  %d = f32[1,256]{1,0} all-reduce-done(%s)
+  ROOT %t = f32[8,256]{1,0} add(%ag, %ag)
+}"""
+    assert hlo_collectives(text) == [("all-reduce", 1024 + 1024), ("all-gather", 1024),
+                                     ("all-reduce", 1024)]
+
+
+@pytest.mark.parametrize("n", DEVICES)
+def test_flax_reference_is_one_all_reduce_of_two_vectors(cells, n):
+    # The yardstick: Flax's forward pass is one all-reduce of 2 x 256 float32, at any n.
+    for transform in ("shard_map", "pmap"):
+        c = cells[(n, transform, "plain", "fwd", "flax")]
+        assert (c["count"], c["bytes"]) == (1, FLAX_BYTES), _show(c)
+
+
+@pytest.mark.parametrize("n", DEVICES)
+@pytest.mark.parametrize("cell", FORWARD, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_forward_at_most_two_collectives_and_twice_flax_bytes(cells, n, cell):
+    ours, theirs = (cells[(n, *cell, impl)] for impl in ("dropnorm", "flax"))
+    assert ours["count"] <= 2, _show(ours)
+    assert ours["bytes"] <= 2 * theirs["bytes"], (_show(ours), _show(theirs))
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+def test_communication_is_independent_of_the_device_count(cells, cell):
+    # Forward and forward+backward, groups included: the same program shape at 8 and 64.
+    small, large = (cells[(n, *cell, "dropnorm")] for n in DEVICES)
+    assert (small["count"], small["bytes"]) == (large["count"], large["bytes"]), (
+        _show(small), _show(large))
+
+
+@pytest.mark.parametrize("n", DEVICES)
+@pytest.mark.parametrize("groups", [2, 4])
+def test_groups_cost_grows_with_the_groups_not_the_devices(cells, n, groups):
+    # axis_index_groups (unequal sizes) under shard_map, where JAX has no grouped psum: at
+    # most one copy of the ungrouped statistics per group. With the device-count test above
+    # this makes the bytes proportional to the number of groups, not of devices.
+    plain = cells[(n, "shard_map", "plain", "fwd", "dropnorm")]
+    grouped = cells[(n, "shard_map", f"groups={groups}", "fwd", "dropnorm")]
+    assert grouped["count"] <= 2, _show(grouped)
+    assert grouped["bytes"] <= groups * plain["bytes"], (_show(grouped), _show(plain))
