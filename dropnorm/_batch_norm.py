@@ -13,10 +13,15 @@ from jax import lax
 
 from dropnorm import _checks
 from dropnorm._moments import (
+    Reducer,
+    _axis_size,
     batch_moments,
     check_axis_index_groups,
     check_axis_name,
-    ghost_moments,
+    ghost_layout,
+    re_dot,
+    real_dtype,
+    reducer,
     stats_dtype,
 )
 
@@ -112,91 +117,166 @@ def _normalize(x, mean, inv_std, params, stats_shape, out_dtype):
     dt = stats_dtype(x.dtype)
     mul = inv_std
     if params is not None and params.scale is not None:
-        mul = mul * params.scale.reshape(stats_shape).astype(dt)
+        mul = mul * params.scale.reshape(stats_shape).astype(real_dtype(x.dtype))
     y = (x.astype(dt) - mean) * mul
     if params is not None and params.bias is not None:
         y = y + params.bias.reshape(stats_shape).astype(dt)
     return y.astype(out_dtype)
 
 
-class _Fast(NamedTuple):
-    reduction_axes: tuple[int, ...]
-    stats_shape: tuple[int, ...]
+class _Spec(NamedTuple):
+    """The static part of a training-mode call (hashable)."""
+
+    reduction_axes: tuple[int, ...]  # of x (ghost batches: of the (chunks, examples, ...) view)
+    stats_shape: tuple[int, ...]  # parameters and running statistics broadcast to this
     out_dtype: Any
+    red: Reducer  # how local sums become global ones (devices, groups)
+    always_batch: bool  # static train=True and no mask: every feature uses its batch statistics
+
+
+def _forward(spec: _Spec, x, mask, scale, bias, epsilon, run_mean, run_var, train, bounds):
+    """Training-mode batch norm: ``(y, mean, var, count)`` and the per-feature coefficients.
+
+    ``y = (x - M) * K * g + (D * g + b)``: for a feature that uses its batch statistics,
+    ``M`` is the batch mean, ``K = r / sqrt(var + epsilon)`` and ``D = d`` (batch
+    renormalisation's corrections; ``r = 1, d = 0`` otherwise); a feature with no valid
+    element, or every feature when a traced ``train`` is False, uses the running
+    statistics (``M = running mean``, ``K = 1 / sqrt(running var + epsilon)``, ``D = 0``).
+    """
+    mean, var, count = batch_moments(x, spec.reduction_axes, mask=mask, red=spec.red)
+    inv = lax.rsqrt(var + epsilon)
+    r = d = None
+    if bounds is not None:  # batch renormalisation: r and d are constants (no gradient)
+        r_max, d_max = bounds
+        run_std = jnp.sqrt(run_var + epsilon)
+        r = lax.stop_gradient(jnp.clip(jnp.sqrt(var + epsilon) / run_std, 1.0 / r_max, r_max))
+        d = lax.stop_gradient(jnp.clip((mean - run_mean) / run_std, -d_max, d_max))
+    k_batch = inv if r is None else inv * r
+    if spec.always_batch:
+        use, big_m, big_k, big_d = None, mean, k_batch, d
+    else:
+        use = count > 0
+        if train is not None:
+            use = use & train
+        big_m = jnp.where(use, mean, run_mean)
+        big_k = jnp.where(use, k_batch, lax.rsqrt(run_var + epsilon))
+        big_d = None if d is None else jnp.where(use, d, 0.0)
+    y = _affine(x, big_m, big_k, big_d, scale, bias, spec)
+    return (y, mean, var, count), (use, big_m, big_k, big_d, inv, r)
+
+
+def _affine(x, big_m, big_k, big_d, scale, bias, spec: _Spec):
+    dt = stats_dtype(x.dtype)
+    mul, add = big_k, big_d
+    if scale is not None:
+        g = scale.reshape(spec.stats_shape).astype(real_dtype(x.dtype))
+        mul = mul * g
+        add = None if add is None else add * g
+    if bias is not None:
+        b = bias.reshape(spec.stats_shape).astype(dt)
+        add = b if add is None else add + b
+    y = (x.astype(dt) - big_m) * mul
+    if add is not None:
+        y = y + add
+    return y.astype(spec.out_dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _train_normalize(static, x, mask, scale, bias, epsilon):
-    """Training-mode batch norm on local statistics: ``(y, mean, var, count)``.
+def _train_normalize(spec, x, mask, scale, bias, epsilon, run_mean, run_var, train, bounds):
+    """Every training-mode batch norm: ``(y, mean, var, count)``.
 
-    A ``jax.custom_jvp`` with a hand-written tangent (not ``custom_vjp``, so
-    ``jax.jvp``, ``jax.hessian``, ``vmap`` and ``scan`` keep working). The tangent
-    is computed inside ``jax.checkpoint`` from ``x`` and per-feature vectors, so
-    reverse mode keeps only the input (plus the mask, if any) alive for the
-    backward pass, and XLA compiles the backward to two fused reductions and one
-    elementwise pass instead of autodiff's chain through the two-pass variance.
+    One function and one derivative rule whatever the options (a mask, ``axis_name``
+    and groups, ghost batches, batch renormalisation, a traced ``train``). A
+    ``jax.custom_jvp`` with a hand-written tangent (not ``custom_vjp``, so ``jax.jvp``,
+    ``jax.hessian``, ``vmap`` and ``scan`` keep working). The tangent is computed inside
+    ``jax.checkpoint`` from ``x`` and per-feature vectors, so reverse mode keeps only the
+    input (plus the mask, if any) alive for the backward pass, and XLA compiles the
+    backward to two fused reductions (one collective of 2 x features numbers across
+    devices) and one elementwise pass instead of autodiff's chain through the statistics.
     """
-    mean, var, count = batch_moments(x, static.reduction_axes, mask=mask)
-    y = _normalize(x, mean, lax.rsqrt(var + epsilon), BatchNormParams(scale, bias),
-                   static.stats_shape, static.out_dtype)
-    return y, mean, var, count
+    return _forward(spec, x, mask, scale, bias, epsilon, run_mean, run_var, train, bounds)[0]
 
 
-def _train_normalize_tangent(static, x, mask, mean, inv_std, count, scale, tx, tscale, tbias,
-                             teps):
-    """Tangents of ``(y, mean, var)``, linear in ``(tx, tscale, tbias, teps)``.
+def _tangent(spec, x, mask, mean, count, coef, scale, run_var, epsilon, tx, tscale, tbias,
+             teps, trun_mean, trun_var):
+    """Tangents of ``(y, mean, var)``, linear in the input tangents.
 
-    With ``xc = x - mean`` and ``t = tx``: ``tmean = E[t]``, ``tvar = 2 E[xc t]``
-    (``E[xc] = 0``), ``tinv = -inv_std**3 (tvar + teps) / 2`` and
-    ``ty = a (t - tmean) + xc (tinv g + inv_std tscale) + tbias`` with
-    ``a = inv_std g``; expectations are over the (valid) batch elements.
+    With ``t = tx`` and expectations over the valid elements (and devices): the batch
+    statistics move by ``tmean = E[t]`` and ``tvar = 2 E[Re(conj(x - mean) t)]``, so
+    ``tK = -r inv^3 (tvar + teps) / 2``; for features on the running statistics
+    ``tM = trun_mean`` and ``tK = -rinv^3 (trun_var + teps) / 2``. Then
+    ``ty = g ((t - tM) K + (x - M) tK) + tg ((x - M) K + D) + tb``, written as one
+    elementwise pass with per-feature coefficients.
     """
+    use, big_m, big_k, big_d, inv, r = coef
     dt = stats_dtype(x.dtype)
-    red, sshape = static.reduction_axes, static.stats_shape
-    xc = x.astype(dt) - mean
+    rdt = real_dtype(x.dtype)
+    red, sshape = spec.reduction_axes, spec.stats_shape
     t = tx.astype(dt)
-    if mask is None:
-        tmean = jnp.mean(t, red, keepdims=True)
-        tvar = 2.0 * jnp.mean(xc * t, red, keepdims=True)
+    xf = x.astype(dt)
+    dev_t = xf - mean
+    if mask is not None:
+        zero = jnp.zeros((), dt)
+        t_valid, dev_t = jnp.where(mask, t, zero), jnp.where(mask, dev_t, zero)
     else:
-        safe = jnp.maximum(count, 1.0)
-        tmean = jnp.sum(jnp.where(mask, t, 0.0), red, keepdims=True) / safe
-        tvar = 2.0 * jnp.sum(jnp.where(mask, xc * t, 0.0), red, keepdims=True) / safe
-    tinv = -0.5 * inv_std**3 * (tvar + teps.astype(dt))
-    if scale is None:
-        a, k = inv_std, tinv
+        t_valid = t
+    s_t = jnp.sum(t_valid, red, keepdims=True)
+    s_xt = jnp.sum(re_dot(dev_t, t), red, keepdims=True)
+    if jnp.iscomplexobj(s_t):
+        s_t, s_xt = spec.red.total((s_t, s_xt))
     else:
-        g = scale.reshape(sshape).astype(dt)
-        a, k = inv_std * g, tinv * g + inv_std * tscale.reshape(sshape).astype(dt)
-    c = -a * tmean
+        s_t, s_xt = spec.red.total(jnp.stack([s_t, s_xt]))
+    safe = jnp.maximum(count, 1.0)
+    tmean, tvar = s_t / safe, 2.0 * s_xt / safe
+    teps = teps.astype(rdt)
+    tk = -0.5 * inv**3 * (tvar + teps)
+    if r is not None:
+        tk = tk * r
+    if use is None:
+        tm = tmean
+    else:
+        rinv = lax.rsqrt(run_var + epsilon)
+        tm = jnp.where(use, tmean, trun_mean.astype(dt))
+        tk = jnp.where(use, tk, -0.5 * rinv**3 * (trun_var.astype(rdt) + teps))
+    g = 1.0 if scale is None else scale.reshape(sshape).astype(rdt)
+    a = g * big_k  # ty = a t + (x - M) k + c
+    k = g * tk
+    c = -a * tm
+    if tscale is not None:
+        tg = tscale.reshape(sshape).astype(rdt)
+        k = k + tg * big_k
+        if big_d is not None:
+            c = c + tg * big_d
     if tbias is not None:
         c = c + tbias.reshape(sshape).astype(dt)
-    ty = a * t + xc * k + c
-    return ty.astype(static.out_dtype), tmean, tvar
+    ty = a * t + (xf - big_m) * k + c
+    return ty.astype(spec.out_dtype), tmean, tvar
 
 
 # prevent_cse=False: inside one jit XLA may share x - mean between the forward and the
 # rematerialised tangent (bf16 vjp on CPU: 4 instead of 6 input-sized temporaries; the 12-layer
 # step's temp memory moves by about 1%). The residuals stay x and per-feature vectors.
-_checkpointed_tangent = jax.checkpoint(_train_normalize_tangent, static_argnums=(0,),
-                                       prevent_cse=False)
+_checkpointed_tangent = jax.checkpoint(_tangent, static_argnums=(0,), prevent_cse=False)
 
 
 @_train_normalize.defjvp
-def _train_normalize_jvp(static, primals, tangents):
-    x, mask, scale, bias, epsilon = primals
-    tx, _, tscale, tbias, teps = tangents
-    mean, var, count = batch_moments(x, static.reduction_axes, mask=mask)
-    inv_std = lax.rsqrt(var + epsilon)
-    y = _normalize(x, mean, inv_std, BatchNormParams(scale, bias), static.stats_shape,
-                   static.out_dtype)
-    ty, tmean, tvar = _checkpointed_tangent(static, x, mask, mean, inv_std, count, scale, tx,
-                                            tscale, tbias, teps)
-    return (y, mean, var, count), (ty, tmean, tvar, jnp.zeros_like(count))
+def _train_normalize_jvp(spec, primals, tangents):
+    x, mask, scale, bias, epsilon, run_mean, run_var, train, bounds = primals
+    tx, _, tscale, tbias, teps, trun_mean, trun_var, _, _ = tangents
+    out, coef = _forward(spec, x, mask, scale, bias, epsilon, run_mean, run_var, train, bounds)
+    y, mean, var, count = out
+    ty, tmean, tvar = _checkpointed_tangent(spec, x, mask, mean, count, coef, scale, run_var,
+                                            epsilon, tx, tscale, tbias, teps, trun_mean,
+                                            trun_var)
+    return out, (ty, tmean, tvar, jnp.zeros_like(count))
 
 
 def _update_running(state, batch_mean, batch_var, valid, momentum):
-    """The new state: running averages of the batch statistics, and count + 1."""
+    """The new state: running averages of the batch statistics, and count + 1.
+
+    A complex batch mean makes the new running mean complex (Flax casts it to float32,
+    dropping the imaginary part); the running variance is real.
+    """
     count = state.count + 1
     if momentum is None:  # cumulative average: the plain mean of every batch seen so far
         w = 1.0 / count.astype(jnp.float32)
@@ -205,7 +285,9 @@ def _update_running(state, batch_mean, batch_var, valid, momentum):
     else:
         new_mean = momentum * state.mean + (1.0 - momentum) * batch_mean
         new_var = momentum * state.var + (1.0 - momentum) * batch_var
-    new_mean = jnp.where(valid, new_mean, state.mean).astype(state.mean.dtype)
+    mean_dtype = jnp.result_type(state.mean, batch_mean) if jnp.iscomplexobj(batch_mean) else (
+        state.mean.dtype)
+    new_mean = jnp.where(valid, new_mean, state.mean).astype(mean_dtype)
     new_var = jnp.where(valid, new_var, state.var).astype(state.var.dtype)
     return BatchNormState(new_mean, new_var, count.astype(state.count.dtype))
 
@@ -254,104 +336,97 @@ def _core(caller, params, state, x, train, *, axis, momentum, epsilon, mask, axi
     caller = _checks.as_caller(caller)
     fn = caller.fn
     _check_params_state(fn, params, state)
-    x = _checks.check_floating(x, fn, caller.x_name)
+    x = _checks.check_floating(x, fn, caller.x_name, allow_complex=renorm is None)
     train = _checks.check_train(train, fn)
     momentum = _checks.check_momentum(momentum, fn, allow_none=True)
     epsilon = _checks.check_epsilon(epsilon, fn)
-    check_axis_index_groups(axis_index_groups, check_axis_name(axis_name, fn), fn)
+    names = check_axis_name(axis_name, fn)
+    check_axis_index_groups(axis_index_groups, names, fn)
     lay = _layout(caller, params, state, x, axis)
     out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-    dt = stats_dtype(x.dtype)
-
-    def running_inv_std():
-        return lax.rsqrt(state.var.reshape(lay.stats_shape).astype(dt) + epsilon)
+    dt, rdt = stats_dtype(x.dtype), real_dtype(x.dtype)
+    scale = None if params is None else params.scale
+    bias = None if params is None else params.bias
 
     if train is False:
-        y = _normalize(x, state.mean.reshape(lay.stats_shape).astype(dt), running_inv_std(),
+        y = _normalize(x, state.mean.reshape(lay.stats_shape).astype(dt),
+                       lax.rsqrt(state.var.reshape(lay.stats_shape).astype(rdt) + epsilon),
                        params, lay.stats_shape, out_dtype)
         return y, state
 
-    if not lay.reduction_axes and axis_name is None:
+    if not lay.reduction_axes and names is None:
         raise ValueError(f"{fn}: `axis`={axis!r} leaves no axis to compute batch statistics over "
                          f"(pass `axis_name` when the batch is a mapped axis, as under vmap).")
     mask = _check_mask(fn, mask, x)
 
-    # The common case (local statistics, no ghost batches, no renorm, static train=True) takes
-    # the custom-derivative path; the others differentiate the same formula by autodiff.
-    fast = train is True and renorm is None and virtual_batch_size is None and axis_name is None
-    # Ghost batches: view the batch axis 0 as (chunks, examples) and reduce per chunk.
-    xs, sshape = x, lay.stats_shape
+    # Ghost batches: view the batch axis 0 as (chunks, examples) and reduce per chunk; a ghost
+    # batch larger than the local batch spans `span` consecutive devices (a group of them).
+    xs, ms, red_axes, sshape, span, chunks = x, mask, lay.reduction_axes, lay.stats_shape, 1, 1
     if virtual_batch_size is not None:
         v = _checks.check_positive_int(virtual_batch_size, fn, "virtual_batch_size")
         if 0 in lay.feature_axes:
             raise ValueError(f"{fn}: `virtual_batch_size` splits axis 0, the batch axis, but "
                              f"`axis`={axis!r} makes it a feature axis.")
+        if axis_index_groups is not None:
+            raise ValueError(
+                f"{fn}: `virtual_batch_size` cannot be combined with `axis_index_groups`: ghost "
+                f"batches already define which examples share statistics. Drop one of them.")
+        size = 1 if names is None else _axis_size(names, fn)
+        chunks, span = ghost_layout(x.shape, lay.reduction_axes, v, size, names is not None, fn)
         per_chunk = math.prod(x.shape[a] for a in lay.reduction_axes if a != 0) * v
-        if (axis_name is None and not caller.flax_small_batch and x.shape[0] % v == 0
-                and per_chunk < 2):
+        if names is None and not caller.flax_small_batch and per_chunk < 2:
             raise ValueError(f"{fn}: ghost batches of `virtual_batch_size`={v} give {per_chunk} "
                              f"value per feature; statistics need at least 2.")
-        (mean, var, count), chunks = ghost_moments(
-            x, lay.reduction_axes, v, mask=mask, axis_name=axis_name,
-            axis_index_groups=axis_index_groups, fn=fn)
-        xs = x.reshape((mean.shape[0], -1) + x.shape[1:])
-        sshape = (1,) + lay.stats_shape  # broadcasts against the (chunks, ...) statistics
-    else:
-        if (axis_name is None and not caller.flax_small_batch
-                and math.prod(x.shape[a] for a in lay.reduction_axes) < 2):
-            raise ValueError(
-                f"{fn}: the batch is too small: training needs at least 2 values per feature to "
-                f"compute statistics, but x.shape={tuple(x.shape)} with `axis`={axis!r} gives "
-                f"{math.prod(x.shape[a] for a in lay.reduction_axes)}. Use a bigger batch, "
-                f"{caller.train_off}, or pass `axis_name` when the batch is spread over a "
-                f"mapped axis."
-            )
-        if fast:
-            scale = None if params is None else params.scale
-            bias = None if params is None else params.bias
-            y_fast, mean, var, count = _train_normalize(
-                _Fast(lay.reduction_axes, lay.stats_shape, out_dtype), x, mask, scale, bias,
-                jnp.asarray(epsilon, dt))
-        else:
-            mean, var, count = batch_moments(x, lay.reduction_axes, mask=mask,
-                                             axis_name=axis_name,
-                                             axis_index_groups=axis_index_groups, fn=fn)
-    inv_std = lax.rsqrt(var + epsilon)
-    if renorm is not None:
-        r_max, d_max = renorm
-        run_mean = state.mean.reshape(sshape).astype(dt)
-        run_std = jnp.sqrt(state.var.reshape(sshape).astype(dt) + epsilon)
-        std = jnp.sqrt(var + epsilon)
-        r = lax.stop_gradient(jnp.clip(std / run_std, 1.0 / r_max, r_max))
-        d = lax.stop_gradient(jnp.clip((mean - run_mean) / run_std, -d_max, d_max))
-        # (x - mean) / std * r + d  ==  (x - (mean - d * std / r)) * (r / std)
-        norm_mean, norm_inv_std = mean - d * std / r, inv_std * r
-    else:
-        norm_mean, norm_inv_std = mean, inv_std
+        chunked = (chunks, x.shape[0] // chunks) + x.shape[1:]
+        xs = x.reshape(chunked)
+        ms = None if mask is None else mask.reshape(chunked)
+        red_axes = tuple(a + 1 for a in lay.reduction_axes)
+        sshape = (1,) + lay.stats_shape
+    elif (names is None and not caller.flax_small_batch
+          and math.prod(x.shape[a] for a in lay.reduction_axes) < 2):
+        raise ValueError(
+            f"{fn}: the batch is too small: training needs at least 2 values per feature to "
+            f"compute statistics, but {caller.x_name}.shape={tuple(x.shape)} with "
+            f"`axis`={axis!r} gives {math.prod(x.shape[a] for a in lay.reduction_axes)}. Use "
+            f"a bigger batch, {caller.train_off}, or pass `axis_name` when the batch is spread "
+            f"over a mapped axis."
+        )
+    # Statistics over devices: over the device's group, or a ghost batch's devices; ghost
+    # batches that lie on one device need no collective for their statistics.
+    groups = None if span == 1 and virtual_batch_size is not None else axis_index_groups
+    red = reducer(None if virtual_batch_size is not None and span == 1 else axis_name, groups,
+                  fn, span=span)
+    spec = _Spec(red_axes, sshape, out_dtype, red, train is True and mask is None)
+    run_mean = state.mean.reshape(sshape).astype(dt)
+    run_var = state.var.reshape(sshape).astype(rdt)
+    bounds = None if renorm is None else tuple(jnp.asarray(b, rdt) for b in renorm)
+    y, mean, var, count = _train_normalize(
+        spec, xs, ms, scale, bias, jnp.asarray(epsilon, rdt), run_mean, run_var,
+        None if train is True else train, bounds)
 
-    # The running-average update, from the batch (or the ghost batches' average) statistics.
+    # The running-average update, from the batch statistics (ghost batches: the average of
+    # every ghost batch of the global batch).
     def unbiased(var, count):
         if not unbiased_running_var:
             return var
         return jnp.where(count > 1, var * count / jnp.maximum(count - 1.0, 1.0), var)
 
-    if virtual_batch_size is not None:  # the average over every ghost batch of the global batch
-        c_mean, c_var, c_count = chunks
-        upd_mean, upd_var = jnp.mean(c_mean, 0), jnp.mean(unbiased(c_var, c_count), 0)
-        valid = jnp.all(c_count > 0, 0)
+    if virtual_batch_size is not None:
+        sums = [jnp.sum(mean, 0), jnp.sum(unbiased(var, count), 0),
+                jnp.sum((count == 0).astype(rdt), 0)]
+        total = chunks
+        if names is not None:  # each device holds `chunks` ghost batches, or 1/span of one
+            sums = list(lax.psum(tuple(sums) if jnp.iscomplexobj(mean) else jnp.stack(sums),
+                                 names))
+            total = chunks * _axis_size(names, fn)
+        upd_mean, upd_var, valid = sums[0] / total, sums[1] / total, sums[2] == 0
     else:
         upd_mean, upd_var, valid = mean, unbiased(var, count), count > 0
     reshape = lambda a: a.reshape(lay.feature_shape)  # noqa: E731
     new_state = _update_running(state, reshape(upd_mean), reshape(upd_var),
                                 reshape(jnp.broadcast_to(valid, upd_mean.shape)), momentum)
-
-    if train is not True:  # traced flag: select between batch and running statistics
-        norm_mean = jnp.where(train, norm_mean, state.mean.reshape(sshape).astype(dt))
-        norm_inv_std = jnp.where(train, norm_inv_std, running_inv_std().reshape(sshape))
+    if train is not True:  # traced flag: the running statistics stay when not training
         new_state = jax.tree.map(lambda new, old: jnp.where(train, new, old), new_state, state)
-    if fast:
-        return y_fast, new_state
-    y = _normalize(xs, norm_mean, norm_inv_std, params, sshape, out_dtype)
     return y.reshape(x.shape), new_state
 
 

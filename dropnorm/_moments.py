@@ -1,38 +1,35 @@
-"""Batch moments: exact two-pass statistics, padding masks, one collective across devices.
+"""Batch moments: exact statistics in one pass, padding masks, O(features) across devices.
 
-The variance is computed in two passes (mean, then mean of squared deviations)
-in at least float32, on deviations from a data-derived shift (each feature's
-first valid element). Unlike the one-pass ``E[x^2] - E[x]^2`` (Flax's default),
-this stays accurate when ``|mean| >> std`` and can never be negative; a constant
-feature gets exactly its value as mean and exactly 0 as variance.
+Locally, one pass over ``x`` around a shift taken from the data (each feature's first
+element) gives the sums of the deviations and of their squares; a constant feature
+gets exactly its value as mean and exactly 0 as variance, and a second pass around the
+mean runs only when the shift was an outlier (more than 8 standard deviations from the
+mean), so the variance stays accurate when ``|mean| >> std`` and is never negative.
+Unlike the one-pass ``E[x^2] - E[x]^2`` about 0 (Flax's default), nothing cancels.
 
-Across devices, each device contributes ``(count, shift, mean_d, M2)``, its mean
-being ``shift + mean_d`` and ``M2`` its centred sum of squares; one collective
-brings every device's numbers to every device, and Chan et al.'s pairwise
-formula combines them exactly: ``mean = sum(n_i mean_i) / N``,
-``M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2)``, with every ``mean_i`` taken
-relative to one reference shift so that none is rounded at the magnitude of the
-data first. Devices with different numbers of valid (unmasked) elements are
-therefore weighted correctly, and no device's local centring biases the result.
-
-Over device axes (``shard_map``, ``pmap``) the collective is one ``lax.psum``
-of the triples placed at each device's linear index, which every device receives
-whole: ``4 * devices * features`` numbers, small next to the activations for the
-usual tens to hundreds of devices. A ``psum`` (unlike ``all_gather``) gives a
-replicated result, so the new running statistics can leave ``shard_map`` with
-``out_specs=P()``. Over ``vmap`` axes the triples are gathered with
-``lax.all_gather``, which costs no communication.
+Across devices, two ``psum``s of O(features) numbers, whatever the number of devices:
+the weighted means (and the counts, when a mask makes them data-dependent) give a
+common centre ``c``; then each device's centred first and second moments about ``c``
+combine exactly (Chan et al.'s pairwise formula, written about ``c``), with every
+device's mean kept as ``shift + mean_d`` so that nothing is rounded at the data's
+magnitude before the deviations between devices are formed. Devices with different
+numbers of valid (unmasked) elements are weighted correctly, and devices whose data
+sit at very different means do not bias the variance. A ``psum`` is replicated, so the
+new running statistics can leave ``shard_map`` with ``out_specs=P()``; over ``vmap``
+axes it costs no communication.
 
 ``axis_index_groups`` is implemented here rather than passed to JAX, because JAX
 supports it in ``pmap`` only (``vmap`` collectives and ``psum`` under ``shard_map``
-raise ``NotImplementedError`` for it in JAX 0.10): after the one
-collective, each device gives weight 0 to the triples of devices outside its
-group. The same code therefore gives per-group statistics under ``shard_map``,
-``pmap`` and ``vmap`` alike, and groups may have different sizes.
+raise ``NotImplementedError`` for it in JAX 0.10): each device writes its sums into
+its group's row of a ``(groups, ...)`` array and the same two ``psum``s run on that,
+so groups (of any sizes) cost O(groups x features), never O(devices x features), and
+work the same under ``shard_map``, ``pmap`` and ``vmap``. Ghost batches that span
+several devices are groups of consecutive devices.
 
 References:
   Chan, Golub & LeVeque, "Updating Formulae and a Pairwise Algorithm for
-  Computing Sample Variances", 1979. Hoffer, Hubara & Soudry, "Train longer,
+  Computing Sample Variances", 1979; "Algorithms for computing the sample variance:
+  analysis and recommendations", 1983. Hoffer, Hubara & Soudry, "Train longer,
   generalize better: closing the generalization gap in large batch training of
   neural networks" (ghost batch normalisation), NeurIPS 2017.
 """
@@ -41,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -131,209 +129,244 @@ def _group_ids(groups, size: int, fn: str) -> np.ndarray:
     return ids
 
 
-def _local(x, reduction_axes, mask):
+# How far a one-pass shift may lie from the mean, in standard deviations squared, before
+# the statistics are recomputed around the mean: the one-pass variance
+# S2/n - (S1/n)^2 loses about log2(1 + K) bits to cancellation, so its relative error
+# stays below (1 + K) times that of the sums (65 float32 ulps of the sums at K = 64). A
+# shift taken from the data (a row of the batch) is an 8-sigma outlier with probability
+# 1e-15 for Gaussian data, so the second pass almost never runs.
+_POOR_SHIFT = 64.0
+
+
+def real_dtype(dtype) -> jnp.dtype:
+    """The real dtype of the statistics: float32 for float32 and complex64 alike."""
+    return jnp.finfo(stats_dtype(dtype)).dtype
+
+
+def abs2(d):
+    """``|d|^2``, real, for real and complex ``d``."""
+    if jnp.iscomplexobj(d):
+        return jnp.square(d.real) + jnp.square(d.imag)
+    return jnp.square(d)
+
+
+def re_dot(a, t):
+    """``Re(conj(a) t)``: the real inner product's summand, for real and complex arrays."""
+    if jnp.iscomplexobj(a) or jnp.iscomplexobj(t):
+        return a.real * t.real + a.imag * t.imag
+    return a * t
+
+
+class Reducer(NamedTuple):
+    """How per-feature local sums become global ones (static, hashable).
+
+    ``names`` None: local statistics. Otherwise sums run over the devices of ``names``;
+    with ``ids`` (the group of each device, by linear index over ``names``) they run over
+    the device's group only, as one ``psum`` of a ``(n_groups, ...)`` array.
+    """
+
+    names: tuple[Hashable, ...] | None = None
+    ids: tuple[int, ...] | None = None
+    n_groups: int = 1
+    size: int = 1  # devices along names
+
+    def total(self, v):
+        """The sum of ``v`` (a pytree of arrays) over this device's group."""
+        if self.names is None:
+            return v
+        if self.ids is None:
+            return lax.psum(v, self.names)
+        mine = jnp.asarray(self.ids, jnp.int32)[lax.axis_index(self.names)]
+        full = self.total_by_group(v, mine)
+        return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, mine, 0, keepdims=False),
+                            full)
+
+    def total_by_group(self, v, mine=None):
+        """``(n_groups, ...)``: every group's sum of ``v``, on every device (one ``psum``)."""
+        if mine is None:
+            mine = jnp.asarray(self.ids, jnp.int32)[lax.axis_index(self.names)]
+        onehot = jnp.arange(self.n_groups) == mine
+        return lax.psum(jax.tree.map(
+            lambda a: jnp.where(onehot.reshape((-1,) + (1,) * a.ndim), a[None],
+                                jnp.zeros((), a.dtype)), v), self.names)
+
+
+def reducer(axis_name, axis_index_groups, fn: str, span: int = 1) -> Reducer:
+    """The :class:`Reducer` for ``axis_name`` (checked and bound) and its groups.
+
+    ``span > 1``: groups of ``span`` consecutive devices (ghost batches spanning devices).
+    """
+    names = check_axis_name(axis_name, fn)
+    groups = check_axis_index_groups(axis_index_groups, names, fn)
+    if names is None:
+        return Reducer()
+    size = _axis_size(names, fn)
+    if groups is not None:
+        ids = _group_ids(groups, size, fn)
+        return Reducer(names, tuple(int(i) for i in ids), len(groups), size)
+    if span > 1:
+        return Reducer(names, tuple(d // span for d in range(size)), size // span, size)
+    return Reducer(names, None, 1, size)
+
+
+def _first(a, reduction_axes):
+    """The first element of ``a`` along ``reduction_axes`` (kept as size-1 axes)."""
+    index = tuple(slice(0, 1) if i in reduction_axes else slice(None) for i in range(a.ndim))
+    return a[index]
+
+
+def _sums(xf, reduction_axes, mask, centre):
+    """``(S1, S2)``: the sums of ``d = x - centre`` and ``|d|^2`` over the valid elements.
+
+    The two subtractions are spelled apart on purpose: XLA would otherwise merge them and,
+    the difference then having two consumers, write it out as an input-sized temporary;
+    spelled apart, each sum fuses its own subtraction and reads only x (XLA CPU, (4096,
+    4096) float32: 7.4 ms instead of 25 ms for the statistics; BENCHMARKS.md).
+    """
+    d, d_sq = xf - centre, xf + (-centre)
+    if mask is not None:
+        zero = jnp.zeros((), xf.dtype)
+        d, d_sq = jnp.where(mask, d, zero), jnp.where(mask, d_sq, zero)
+    return (jnp.sum(d, reduction_axes, keepdims=True),
+            jnp.sum(abs2(d_sq), reduction_axes, keepdims=True))
+
+
+def local_moments(x, reduction_axes, mask):
     """This device's ``(count, shift, mean_d, M2)``, each of x's rank (size 1 when reduced).
 
-    The corrected two-pass algorithm (Chan, Golub & LeVeque 1983): the first pass
-    gives a rough mean, the ``shift``; the second sums the deviations ``d = x - shift``
-    and their squares. The mean is ``shift + mean(d)`` and
-    ``M2 = sum(d^2) - n mean(d)^2``, where ``mean(d)`` is only the rounding error
-    of the first pass, so the correction cancels nothing. A constant feature gets
-    exactly its value as mean and 0 as M2, deviations stay of the order of the
-    spread when ``|mean| >> std``, and both sums read the same deviations (one
-    temporary, as in the textbook two-pass form). The pair is kept apart until
-    the end, so that combining devices does not round each device's mean first.
+    One pass over ``x`` around a shift taken from the data (each feature's first element,
+    or 0 when it is masked out): ``S1 = sum(x - shift)``, ``S2 = sum(|x - shift|^2)``;
+    the mean is ``shift + S1 / n`` (kept as the pair, so that combining devices rounds
+    nothing at the data's magnitude) and ``M2 = S2 - n |S1 / n|^2``. A constant feature
+    gets exactly its value and M2 = 0. Where the shift lies more than 8 standard
+    deviations from the mean, the cancellation would cost digits: then (and only then: a
+    ``lax.cond``) the sums are recomputed around the one-pass mean, the corrected two-pass
+    algorithm of Chan, Golub & LeVeque, whose correction term cancels nothing.
     """
     dt = stats_dtype(x.dtype)
+    rdt = real_dtype(x.dtype)
     xf = x.astype(dt)
     if mask is None:
         n = math.prod(x.shape[a] for a in reduction_axes)
-        count = jnp.full((1,) * x.ndim, n, dt)
-        shift = lax.stop_gradient(jnp.mean(xf, reduction_axes, keepdims=True))
-        d, d_sq = xf - shift, xf + (-shift)
+        count = jnp.full((1,) * x.ndim, n, rdt)
+        shift = lax.stop_gradient(_first(xf, reduction_axes))
     else:
-        count = jnp.sum(mask, reduction_axes, keepdims=True, dtype=dt)
-        total = jnp.sum(jnp.where(mask, xf, 0.0), reduction_axes, keepdims=True)
-        shift = lax.stop_gradient(total / jnp.maximum(count, 1.0))
-        d, d_sq = jnp.where(mask, xf - shift, 0.0), jnp.where(mask, xf + (-shift), 0.0)
-    # ``d_sq`` equals ``d`` but is spelled differently on purpose: XLA would otherwise merge
-    # the two and, the subtraction then having two consumers, write it out as an input-sized
-    # temporary; spelled apart, each sum fuses its own subtraction and reads only x (XLA CPU,
-    # (4096, 4096) float32: 7.4 ms instead of 25 ms for the statistics; BENCHMARKS.md).
+        count = jnp.sum(mask, reduction_axes, keepdims=True, dtype=rdt)
+        shift = lax.stop_gradient(jnp.where(_first(mask, reduction_axes),
+                                            _first(xf, reduction_axes), jnp.zeros((), dt)))
     safe = jnp.maximum(count, 1.0)
-    mean_d = jnp.sum(d, reduction_axes, keepdims=True) / safe
-    m2 = jnp.sum(jnp.square(d_sq), reduction_axes, keepdims=True) - count * jnp.square(mean_d)
+    s1, s2 = _sums(xf, reduction_axes, mask, shift)
+    mean_d = s1 / safe
+    m2 = s2 - count * abs2(mean_d)
+    poor = abs2(mean_d) * count > _POOR_SHIFT * jnp.maximum(m2, 0.0)
+
+    def refine(_):
+        centre = lax.stop_gradient(shift + mean_d)
+        r1, r2 = _sums(xf, reduction_axes, mask, centre)
+        rmean_d = r1 / safe
+        return (jnp.where(poor, centre, shift), jnp.where(poor, rmean_d, mean_d),
+                jnp.where(poor, r2 - count * abs2(rmean_d), m2))
+
+    if x.size:
+        shift, mean_d, m2 = lax.cond(jnp.any(poor), refine, lambda _: (shift, mean_d, m2),
+                                     None)
     count = jnp.broadcast_to(count, mean_d.shape)
     return count, shift, mean_d, jnp.maximum(m2, 0.0)
 
 
-def _manual_axes() -> frozenset:
-    """Names of the device axes of an enclosing ``shard_map`` or ``pmap`` (not ``vmap`` axes)."""
-    get = getattr(jax.sharding, "get_abstract_mesh", None)
-    return frozenset(getattr(get(), "manual_axes", ()) if get is not None else ())
+def _stack_or_tuple(parts):
+    """One array (one collective) when the dtypes agree, else a tuple."""
+    if len({p.dtype for p in parts}) == 1:
+        return jnp.stack(parts)
+    return tuple(parts)
 
 
-def _gather(triple, names, size: int):
-    """``(size, *triple.shape)``: device ``d``'s triple at its linear index ``d`` over ``names``.
+def _unstack(packed, n):
+    return tuple(packed[i] for i in range(n)) if not isinstance(packed, tuple) else packed
 
-    Device axes (``shard_map``, ``pmap``) are gathered by ONE ``psum`` of the triple placed
-    at the device's index: unlike ``all_gather``, whose result ``shard_map`` types as varying,
-    a ``psum`` is replicated, so the new state can leave ``shard_map`` with ``out_specs=P()``.
-    ``vmap`` axes are gathered with ``all_gather``, which ``vmap`` turns into a reshape (no
-    communication, and no ``size``-fold copy per lane).
+
+def combine(local, red: Reducer, masked: bool, by_group: bool = False):
+    """Global ``(count, mean, M2)`` from every device's ``(count, shift, mean_d, M2)``.
+
+    Two collectives of O(features) numbers, whatever the number of devices:
+
+    1. ``c = sum(n_i m_i) / N`` with ``m_i = shift_i + mean_d_i`` (one ``psum`` of the
+       weighted sums, plus the counts when a mask makes them data-dependent). ``c`` is
+       the global mean up to rounding at the data's magnitude.
+    2. With ``e_i = (shift_i - c) + mean_d_i`` (exact where it matters: ``shift_i - c``
+       is exact for values within a factor 2 of each other), one ``psum`` of
+       ``n_i e_i`` and ``M2_i + n_i |e_i|^2``: ``mean = c + E1 / N`` and
+       ``M2 = E2 - N |E1 / N|^2``, Chan et al.'s exact combination written about ``c``;
+       the correction ``|E1 / N|`` is only the rounding of step 1, so it cancels nothing.
+
+    With ``by_group`` the result has a leading ``(n_groups,)`` axis: every group's
+    statistics on every device (ghost batches need them all for the running average).
     """
-    manual = _manual_axes()
-    dev = tuple(n for n in names if n in manual)
-    out, lead = triple, []
-    if dev:
-        n_dev = math.prod(lax.axis_size(n) for n in dev)
-        onehot = jnp.arange(n_dev) == lax.axis_index(dev)
-        out = lax.psum(jnp.where(onehot.reshape((n_dev,) + (1,) * triple.ndim), triple, 0.0), dev)
-        out = out.reshape(tuple(lax.axis_size(n) for n in dev) + triple.shape)
-        lead = list(dev)
-    for n in reversed([n for n in names if n not in manual]):
-        out = lax.all_gather(out, n)
-        lead.insert(0, n)
-    perm = [lead.index(n) for n in names]
-    out = jnp.transpose(out, perm + list(range(len(lead), out.ndim)))
-    return out.reshape((size,) + triple.shape)
+    count, shift, mean_d, m2 = local
+    mean_i = shift + mean_d
+    if red.names is None:
+        return count, mean_i, m2
+    total = red.total_by_group if by_group else red.total
+    if masked or red.ids is not None:
+        n_total, weighted = _unstack(total(_stack_or_tuple([count, count * mean_i])), 2)
+    else:  # the count is the same static number on every device
+        n_total = count * red.size
+        weighted = total(count * mean_i)
+    n_total = n_total.real if jnp.iscomplexobj(n_total) else n_total
+    safe = jnp.maximum(n_total, 1.0)
+    centre = lax.stop_gradient(weighted / safe)
+    e = (shift - centre) + mean_d
+    e = jnp.where(count > 0, e, jnp.zeros((), e.dtype))
+    e1, e2 = _unstack(total(_stack_or_tuple([count * e, (m2 + count * abs2(e)).astype(e.dtype)])),
+                      2)
+    e2 = e2.real if jnp.iscomplexobj(e2) else e2
+    mean_rel = e1 / safe
+    mean = jnp.where(n_total > 0, centre + mean_rel, jnp.zeros((), mean_rel.dtype))
+    return n_total, mean, jnp.maximum(e2 - n_total * abs2(mean_rel), 0.0)
 
 
-def _combine(counts, shifts, mean_ds, m2s, axis: int):
-    """Chan's exact pairwise combination along ``axis``: ``(count, mean, M2)``.
-
-    Each part's mean is ``shift + mean_d``; all are taken relative to one reference
-    shift (the first part with data), ``(shift - ref) + mean_d``, which is exact for
-    shifts within a factor 2 of each other, so no part's mean is rounded at the
-    magnitude of the data before the deviations between parts are formed.
-    """
-    count = jnp.sum(counts, axis)
-    has = counts > 0
-    first = jnp.expand_dims(jnp.argmax(has, axis), axis)
-    ref = jnp.take_along_axis(shifts, first, axis)
-    dev = jnp.where(has, (shifts - ref) + mean_ds, 0.0)
-    mean_rel = jnp.sum(counts * dev, axis) / jnp.maximum(count, 1.0)
-    m2 = jnp.sum(m2s, axis) + jnp.sum(
-        counts * jnp.square(dev - jnp.expand_dims(mean_rel, axis)), axis)
-    mean = jnp.where(count > 0, jnp.squeeze(ref, axis) + mean_rel, 0.0)
-    return count, mean, m2
-
-
-def _finish(count, mean, m2):
-    return mean, m2 / jnp.maximum(count, 1.0), count
-
-
-def batch_moments(x, reduction_axes, *, mask=None, axis_name=None, axis_index_groups=None,
-                  fn: str = "batch_norm"):
+def batch_moments(x, reduction_axes, *, mask=None, red: Reducer | None = None):
     """Per-feature mean, biased variance and element count over ``reduction_axes``.
 
     Args:
-      x: the input.
-      reduction_axes: the axes to reduce (all non-feature axes; may be empty when
-        ``axis_name`` is given, e.g. one example per ``vmap`` lane).
+      x: the input (real or complex floating).
+      reduction_axes: the axes to reduce (all non-feature axes; may be empty when the
+        batch is a mapped axis, e.g. one example per ``vmap`` lane).
       mask: None, or a boolean array of ``x``'s shape; False elements are left out.
-      axis_name: a mapped or ``shard_map`` axis name (or tuple of names) to reduce
-        over as well, or None for local statistics.
-      axis_index_groups: optional groups of device indices along ``axis_name``
-        (linear indices for a tuple of names); statistics are then global within
-        each group.
-      fn: the public function's name, for error messages.
+      red: a :class:`Reducer` (from :func:`reducer`): statistics over devices as well.
 
     Returns:
-      ``(mean, var, count)``, each with ``x``'s rank (size 1 along the reduced
-      axes), in ``stats_dtype(x.dtype)``. Features with no valid element get mean
-      0, variance 0 and count 0.
-
-    Raises:
-      TypeError: malformed ``axis_name`` or ``axis_index_groups``.
-      ValueError: an unbound ``axis_name``, or groups that do not partition the axis.
+      ``(mean, var, count)``, each with ``x``'s rank (size 1 along the reduced axes):
+      the mean in ``stats_dtype(x.dtype)`` (complex for complex ``x``), the variance
+      ``E|x - mean|^2`` and the count real. Features with no valid element get mean 0,
+      variance 0 and count 0.
     """
-    names = check_axis_name(axis_name, fn)
-    groups = check_axis_index_groups(axis_index_groups, names, fn)
-    count, shift, mean_d, m2 = _local(x, reduction_axes, mask)
-    if names is None:
-        return _finish(count, shift + mean_d, m2)
-    size = _axis_size(names, fn)
-    ids = None if groups is None else _group_ids(groups, size, fn)
-    gathered = _gather(jnp.stack([count, shift, mean_d, m2]), names, size)  # (size, 4, ...)
-    counts, shifts, mean_ds, m2s = (gathered[:, i] for i in range(4))
-    if ids is not None:
-        mine = jnp.asarray(ids)[lax.axis_index(names)]
-        member = (jnp.asarray(ids) == mine).astype(counts.dtype).reshape((size,) + (1,) * x.ndim)
-        counts, m2s = counts * member, m2s * member
-    return _finish(*_combine(counts, shifts, mean_ds, m2s, 0))
+    red = Reducer() if red is None else red
+    count, mean, m2 = combine(local_moments(x, reduction_axes, mask), red, mask is not None)
+    return mean, m2 / jnp.maximum(count, 1.0), count
 
 
-def ghost_moments(x, reduction_axes, virtual_batch_size: int, *, mask=None, axis_name=None,
-                  axis_index_groups=None, fn: str = "batch_norm"):
-    """Ghost batch moments: statistics per consecutive chunk of the (global) batch axis 0.
+def ghost_layout(x_shape, reduction_axes, virtual_batch_size: int, size: int, distributed: bool,
+                 fn: str):
+    """``(chunks, span)`` for ghost batches of ``virtual_batch_size`` along axis 0.
 
-    The ghost batches are consecutive chunks of ``virtual_batch_size`` examples of
-    the global batch, wherever its pieces live: with ``axis_name``, device ``d``
-    holds the ``d``-th consecutive piece of the batch (as ``shard_map`` with
-    ``P(axis_name)`` and ``pmap`` over a reshaped batch lay it out), so the result
-    equals the single-device computation on the whole batch. When the local batch
-    is a multiple of ``virtual_batch_size`` each device's chunks are its own; when
-    ``virtual_batch_size`` is a multiple of the local batch, each ghost batch spans
-    that many consecutive devices.
-
-    Args:
-      x: the input; axis 0 is the batch axis.
-      reduction_axes: the non-feature axes of ``x`` (must include 0).
-      virtual_batch_size: the ghost batch size (a positive int).
-      mask, axis_name, axis_index_groups, fn: as :func:`batch_moments`.
-        ``axis_index_groups`` cannot be combined with ghost batches.
-
-    Returns:
-      ``(local, chunks)``. ``local`` is ``(mean, var, count)`` for this device's
-      ghost batches, each of shape ``(c, *stats_shape)``, where ``c`` is the number
-      of chunks ``x`` is split into (``x.reshape((c, -1) + x.shape[1:])``).
-      ``chunks`` is ``(mean, var, count)`` of every ghost batch of the global
-      batch, shape ``(chunks, *stats_shape)``, for the running-average update.
-
-    Raises:
-      ValueError: a batch that does not divide into ghost batches, or
-        ``axis_index_groups`` together with ghost batches.
+    The ghost batches are consecutive chunks of the (global) batch, wherever its pieces
+    live: with ``axis_name``, device ``d`` holds the ``d``-th consecutive piece of the
+    batch (as ``shard_map`` with ``P(axis_name)`` and ``pmap`` over a reshaped batch lay
+    it out). When the local batch is a multiple of ``virtual_batch_size`` each device's
+    ``chunks`` are its own (``span`` 1); when ``virtual_batch_size`` is a multiple of the
+    local batch, each ghost batch spans ``span`` consecutive devices (``chunks`` 1).
     """
-    names = check_axis_name(axis_name, fn)
-    check_axis_index_groups(axis_index_groups, names, fn)
-    if axis_index_groups is not None:
-        raise ValueError(
-            f"{fn}: `virtual_batch_size` cannot be combined with `axis_index_groups`: ghost "
-            f"batches already define which examples share statistics. Drop one of them."
-        )
-    b, v = x.shape[0], virtual_batch_size
-    size = 1 if names is None else _axis_size(names, fn)
-    where = "" if names is None else " on each device"
-    if b % v == 0:  # every ghost batch lies on one device
-        c = b // v
-        span = 1
-    elif names is not None and v % b == 0 and size % (v // b) == 0:  # one spans `span` devices
-        c = 1
-        span = v // b
-    else:
-        hint = f"; pick a divisor of {b}" if names is None else (
-            f" and the {size} devices do not group into ghost batches of {v} either; pick a "
-            f"divisor of {b}, or a multiple of {b} that divides the global batch of {b * size}")
-        raise ValueError(
-            f"{fn}: the batch of {b}{where} does not divide into ghost batches of "
-            f"`virtual_batch_size`={v}{hint}."
-        )
-    chunked = (c, b // c) + x.shape[1:]
-    xs = x.reshape(chunked)
-    ms = None if mask is None else mask.reshape(chunked)
-    red = tuple(a + 1 for a in reduction_axes)
-    count, shift, mean_d, m2 = _local(xs, red, ms)  # (c, *stats_shape) each
-    if names is None:
-        local = _finish(count, shift + mean_d, m2)
-        return local, local
-    gathered = _gather(jnp.stack([count, shift, mean_d, m2], 1), names, size)  # (size, c, 4, .)
-    if span == 1:
-        chunks = gathered.reshape((size * c,) + gathered.shape[2:])
-        allc = _finish(chunks[:, 0], chunks[:, 1] + chunks[:, 2], chunks[:, 3])
-        return _finish(count, shift + mean_d, m2), allc
-    grouped = gathered.reshape((size // span, span) + gathered.shape[2:])  # c == 1
-    allc = _combine(*(grouped[:, :, i] for i in range(4)), 1)
-    mine = lax.axis_index(names) // span
-    local = tuple(lax.dynamic_index_in_dim(a, mine, 0, keepdims=True) for a in allc)
-    return _finish(*local), _finish(*allc)
+    b, v = x_shape[0], virtual_batch_size
+    if b % v == 0:
+        return b // v, 1
+    if distributed and v % b == 0 and size % (v // b) == 0:
+        return 1, v // b
+    where = " on each device" if distributed else ""
+    hint = f"; pick a divisor of {b}" if not distributed else (
+        f" and the {size} devices do not group into ghost batches of {v} either; pick a "
+        f"divisor of {b}, or a multiple of {b} that divides the global batch of {b * size}")
+    raise ValueError(
+        f"{fn}: the batch of {b}{where} does not divide into ghost batches of "
+        f"`virtual_batch_size`={v}{hint}."
+    )
