@@ -14,12 +14,24 @@ Run it the same way on any machine:
 * CPU, 8 simulated devices:
   ``XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/data_parallel.py``
 * one or more GPUs or TPU cores: ``python examples/data_parallel.py``
-* several hosts: start the same command on every host with ``--distributed``; it calls
-  ``jax.distributed.initialize()`` first (which finds the coordinator on TPU pods, SLURM
-  and the like, or reads ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-  ``JAX_PROCESS_ID``). The mesh then spans every device of every host, each process
-  supplies its own slice of the global batch
-  (``jax.make_array_from_process_local_data``), and nothing else changes.
+* several hosts (or several processes on one host): start the same command on every
+  host with ``--distributed``; it calls ``jax.distributed.initialize`` first, with
+  ``--coordinator-address``, ``--num-processes`` and ``--process-id`` where given (else
+  JAX finds them itself on TPU pods, SLURM and the like, or reads
+  ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``). The mesh then
+  spans every device of every host, each process supplies its own slice of the global
+  batch (``jax.make_array_from_process_local_data``), and nothing else changes. Two
+  processes of 4 CPU devices each on one machine (what ``tests/test_multiprocess.py``
+  runs; JAX's CPU collectives between processes are gloo's, its default)::
+
+      for i in 0 1; do
+        XLA_FLAGS=--xla_force_host_platform_device_count=4 python examples/data_parallel.py \
+          --distributed --coordinator-address 127.0.0.1:12345 --num-processes 2 \
+          --process-id $i &
+      done; wait
+
+  On GPU or TPU hosts leave out ``XLA_FLAGS`` and give each host's own ``--process-id``
+  (0 on the host whose address is the coordinator's).
 
 It finishes in a few seconds on a CPU and prints the test accuracy (about 99%) and the
 running statistics BatchNorm learned.
@@ -112,10 +124,19 @@ def global_batch(sharding, x_local):
 
 
 def main(steps: int = 300, batch_size: int = 256, seed: int = 0, lr: float = 3e-3,
-         log_every: int = 100, distributed: bool = False, verbose: bool = True) -> dict:
-    """Train, evaluate and report. Returns the final numbers (used by the tests)."""
+         log_every: int = 100, distributed: bool = False, verbose: bool = True,
+         coordinator_address: str | None = None, num_processes: int | None = None,
+         process_id: int | None = None, save: str | None = None) -> dict:
+    """Train, evaluate and report. Returns the final numbers (used by the tests).
+
+    With ``distributed``, ``jax.distributed.initialize(coordinator_address, num_processes,
+    process_id)`` runs first (None: JAX's own discovery or its environment variables).
+    ``save``: a ``.npz`` path; process 0 writes the loss of every step and the final
+    BatchNorm running statistics there.
+    """
     if distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
     say = print if verbose else (lambda *a, **k: None)
     mesh = Mesh(np.array(jax.devices()), ("batch",))  # every device of every host
     data = NamedSharding(mesh, P("batch"))  # axis 0 split over the devices
@@ -128,10 +149,13 @@ def main(steps: int = 300, batch_size: int = 256, seed: int = 0, lr: float = 3e-
 
     x, y, x_test, y_test = load_digits_split(seed)
     optimizer = optax.adam(lr)
-    params, states = init(jax.random.key(seed), x.shape[1])
-    params, states = jax.device_put((params, states), replicated)
-    opt_state = jax.device_put(optimizer.init(params), replicated)
-    base_key = jax.device_put(jax.random.key(seed + 1), replicated)
+    # Built by jitted functions with replicated outputs, which every process runs alike:
+    # with several processes, ``jax.device_put`` cannot place a local array on the devices
+    # of the other processes.
+    params, states = jax.jit(lambda k: init(k, x.shape[1]), out_shardings=replicated)(
+        jax.random.key(seed))
+    opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+    base_key = jax.jit(lambda: jax.random.key(seed + 1), out_shardings=replicated)()
 
     # Keep the state replicated: the batch statistics are already global, so this costs
     # nothing; it just fixes the layout of what the step returns.
@@ -139,7 +163,7 @@ def main(steps: int = 300, batch_size: int = 256, seed: int = 0, lr: float = 3e-
     evaluate = jax.jit(lambda p, s, x: forward(p, s, x, None, False)[0].argmax(-1))
 
     rng = np.random.default_rng(seed)
-    first = None
+    losses = []  # replicated scalars, read once at the end (no sync per step)
     t0 = time.perf_counter()
     for i in range(steps):
         idx = rng.choice(len(x), batch_size, replace=False)  # same on every process
@@ -147,13 +171,15 @@ def main(steps: int = 300, batch_size: int = 256, seed: int = 0, lr: float = 3e-
         xb, yb = global_batch(data, x[mine]), global_batch(data, y[mine])
         key = jax.random.fold_in(base_key, i)
         params, states, opt_state, loss = step(params, states, opt_state, xb, yb, key)
-        if i == 0:
-            first = float(loss)
+        losses.append(loss)
         if log_every and (i + 1) % log_every == 0:
             say(f"step {i + 1:4d}  loss {float(loss):.4f}")
+    losses = [float(v) for v in losses]
+    first = losses[0]
     seconds = time.perf_counter() - t0
 
-    pred = np.asarray(evaluate(params, states, jax.device_put(x_test, replicated)))
+    x_test = jax.make_array_from_process_local_data(replicated, x_test)  # whole, everywhere
+    pred = np.asarray(evaluate(params, states, x_test))
     accuracy = float(np.mean(pred == y_test))
     s1 = states[0]
     say(f"{steps} steps in {seconds:.1f} s; loss {first:.3f} -> {float(loss):.3f}; "
@@ -162,8 +188,14 @@ def main(steps: int = 300, batch_size: int = 256, seed: int = 0, lr: float = 3e-
         f"[{float(s1.mean.min()):.2f}, {float(s1.mean.max()):.2f}], running var in "
         f"[{float(s1.var.min()):.3f}, {float(s1.var.max()):.3f}]; state replicated on all "
         f"{n_dev} devices: {s1.mean.sharding.is_fully_replicated}")
+    if save and jax.process_index() == 0:
+        np.savez(save, losses=np.asarray(losses), processes=n_proc, devices=n_dev,
+                 accuracy=accuracy, **{f"bn{i + 1}_{k}": np.asarray(getattr(s, k))
+                                      for i, s in enumerate(states) for k in s._fields})
+        say(f"wrote {save}")
     return {"accuracy": accuracy, "first_loss": first, "last_loss": float(loss),
-            "devices": n_dev, "batch_size": batch_size, "states": states, "params": params}
+            "losses": losses, "devices": n_dev, "processes": n_proc, "batch_size": batch_size,
+            "states": states, "params": params}
 
 
 if __name__ == "__main__":
@@ -173,6 +205,17 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--distributed", action="store_true",
-                    help="call jax.distributed.initialize() first (multi-host runs)")
+                    help="call jax.distributed.initialize first (multi-host runs)")
+    ap.add_argument("--coordinator-address", help="host:port of process 0 (with --distributed)")
+    ap.add_argument("--num-processes", type=int, help="how many processes (with --distributed)")
+    ap.add_argument("--process-id", type=int, help="this process's index (with --distributed)")
+    ap.add_argument("--save", metavar="NPZ",
+                    help="write the per-step losses and final BatchNorm statistics (process 0)")
     a = ap.parse_args()
-    main(a.steps, a.batch_size, a.seed, a.lr, distributed=a.distributed)
+    given = [f for f in ("coordinator_address", "num_processes", "process_id")
+             if getattr(a, f) is not None]
+    if given and not a.distributed:
+        ap.error(f"--{given[0].replace('_', '-')} needs --distributed")
+    main(a.steps, a.batch_size, a.seed, a.lr, distributed=a.distributed,
+         coordinator_address=a.coordinator_address, num_processes=a.num_processes,
+         process_id=a.process_id, save=a.save)
