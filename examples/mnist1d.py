@@ -32,9 +32,10 @@ import _train  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=_train.MODELS, default="cnn")
-    p.add_argument("--dataset", choices=_data.DATASETS, default="mnist1d")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", choices=_train.MODELS, default="cnn", help="network")
+    p.add_argument("--dataset", choices=_data.DATASETS, default="mnist1d", help="data set")
     p.add_argument("--dropout", type=float, default=0.1, metavar="RATE",
                    help="dropout rate (probability of dropping); 0 for none")
     p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
@@ -42,11 +43,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9, help="BatchNorm momentum")
     p.add_argument("--placement", choices=_train.PLACEMENTS, default="standard",
                    help="where dropout goes (see examples/_train.py)")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--steps", type=int, default=3000,
+                   help="training steps, also the length of the learning-rate schedule")
+    p.add_argument("--batch-size", type=int, default=100, help="examples per step")
     p.add_argument("--lr", type=float, default=1e-2, help="peak Adam learning rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0,
+                   help="initialisation, minibatch and dropout seed")
+    p.add_argument("--eval-every", type=int, default=250,
+                   help="steps between evaluations (and checkpoints)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write metrics.json and an orbax checkpoint here")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")

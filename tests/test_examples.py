@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 
 import jax
@@ -139,22 +140,97 @@ def test_steps_to_threshold():
     assert out[0] == 10 and np.isnan(out[1])
 
 
-def test_study_quick_path_writes_table_and_pngs(tmp_path):
+PNGS = ("learning_curves.png", "generalisation_gap.png", "preactivations.png", "sweeps.png",
+        "variance_shift.png")
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every matplotlib figure saved while the fixture is active, by file name."""
+    from matplotlib.figure import Figure
+
+    saved, original = {}, Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        saved[os.path.basename(str(path))] = fig
+        return original(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def _check_figure(name, fig):
+    """A title, labelled axes and a legend, and every panel shows at least two x positions."""
+    suptitle = fig._suptitle.get_text() if fig._suptitle is not None else ""
+    axes = fig.get_axes()
+    assert axes, name
+    assert any(ax.get_legend() is not None for ax in axes), f"{name}: no legend"
+    for ax in axes:
+        assert suptitle or ax.get_title(), f"{name}: no title"
+        assert ax.get_xlabel() and ax.get_ylabel(), f"{name}: unlabelled axis in {ax.get_title()}"
+        xs = set()
+        for line in ax.get_lines():
+            xs |= {float(x) for x in np.asarray(line.get_xdata(), float).ravel()}
+        for patch in ax.patches:  # bars
+            xs.add(round(float(patch.get_x()), 6))
+        assert len(xs) >= 2, f"{name}, {ax.get_title()}: nothing to compare ({sorted(xs)})"
+
+
+def test_study_trains_each_configuration_once_and_replots(tmp_path, saved_figures):
     out = tmp_path / "quick"
+    # Tiny version of --quick: grid 4 + sweeps 2 + 2 + 4 asked for; rate 0 is the grid's
+    # "none", rate 0.2 its "dropout", momentum 0.9 its "batchnorm": 9 trained.
     res = study.main(["--quick", "--out", str(out), "--models", "mlp", "--seeds", "1",
-                      "--steps", "20", "--eval-every", "10", "--no-sweeps"])
-    assert len(res["rows"]) == 4
+                      "--sweep-seeds", "1", "--steps", "20", "--eval-every", "10",
+                      "--rates", "0,0.2", "--momenta", "0.5,0.9", "--shift-rates", "0.1,0.5",
+                      "--no-progress"])
+    assert res["configurations"] == 9 and len(res["log"]) == 9
+    grid = {r["config"]: r for r in res["rows"]}
+    sweep = {(r["sweep"], r["value"]): r for r in res["sweeps"]}
+    assert sweep["dropout_rate", 0.0]["test_acc_mean"] == grid["none"]["test_acc_mean"]
+    assert sweep["dropout_rate", 0.2]["test_acc_mean"] == grid["dropout"]["test_acc_mean"]
+    assert sweep["bn_momentum", 0.9]["test_acc_mean"] == grid["batchnorm"]["test_acc_mean"]
+    assert len(res["shift"]) == 4
     md = (out / "results.md").read_text()
     for reg in study.REGULARISERS:
         assert f"| mnist1d | mlp | {reg} |" in md
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("dataset,model,config") and len(csv_lines) == 5
-    for png in ("learning_curves.png", "generalisation_gap.png", "preactivations.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Wall time" in (out / "timing.md").read_text()
+    assert "9 configurations trained" in (out / "timing.md").read_text()
+    assert set(saved_figures) == set(PNGS)
+    for name, fig in saved_figures.items():
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        _check_figure(name, fig)
+    # --replot redraws every plot from the saved tables and curves alone.
+    for name in PNGS:
+        (out / name).unlink()
+    saved_figures.clear()
+    written = study.main(["--replot", str(out)])["plots"]
+    assert sorted(os.path.basename(p) for p in written) == sorted(PNGS)
+    assert set(saved_figures) == set(PNGS) and all((out / n).exists() for n in PNGS)
+    for name, fig in saved_figures.items():
+        _check_figure(name, fig)
 
 
-def test_sweep_and_variance_shift_plots(tmp_path):
+def test_committed_results_replot(tmp_path, saved_figures):
+    # docs/results holds a full run's tables; its plots redraw from them (the pre-activation
+    # plot needs percentiles that this older run did not save, so it is left as it is).
+    import shutil
+
+    src = os.path.join(os.path.dirname(EXAMPLES), "docs", "results")
+    for name in ("results.csv", "sweeps.csv", "variance_shift.csv", "curves.json"):
+        shutil.copy(os.path.join(src, name), tmp_path / name)
+    written = study.main(["--replot", str(tmp_path)])["plots"]
+    assert sorted(os.path.basename(p) for p in written) == sorted(set(PNGS) -
+                                                                  {"preactivations.png"})
+    for name, fig in saved_figures.items():
+        _check_figure(name, fig)
+    # The momentum axis is labelled with the swept values, all in one style.
+    ax = saved_figures["sweeps.png"].get_axes()[1]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.5", "0.9", "0.99", "0.999"]
+
+
+def test_sweep_and_variance_shift_plots(tmp_path, saved_figures):
     sweep = [{"model": "mlp", "sweep": s, "value": v, "test_acc_mean": 0.7,
               "test_acc_std": 0.01, "gap_mean": 0.1}
              for s, v in [("dropout_rate", 0.0), ("dropout_rate", 0.5),
@@ -166,6 +242,23 @@ def test_sweep_and_variance_shift_plots(tmp_path):
     study.plot_variance_shift(shift, str(tmp_path / "v.png"))
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+    _check_figure("s.png", saved_figures["s.png"])
+    _check_figure("v.png", saved_figures["v.png"])
+    # The two placements are drawn side by side at each rate, not on top of each other.
+    lines = [c.lines[0] for c in saved_figures["v.png"].get_axes()[0].containers]  # errorbars
+    xs = [np.asarray(ln.get_xdata(), float) for ln in lines]
+    assert len(xs) == 2 and np.all(np.abs(xs[0] - xs[1]) > 0.005), xs
+
+
+def test_mnist1d_help_shows_defaults():
+    text = re.sub(r"\n {10,}", " ", cli.parser().format_help())  # unwrap continued lines
+    for flag, default in [("--steps", "3000"), ("--dropout", "0.1"), ("--model", "cnn"),
+                          ("--eval-every", "250"), ("--lr", "0.01"), ("--batch-size", "100")]:
+        # The default is in the flag's own entry (before the next option's line).
+        entry = rf"\n  {flag}\b(?:(?!\n  -).)*?\(default: {re.escape(default)}\)"
+        assert re.search(entry, text, re.S), flag
+    study_help = study.parser().format_help()
+    assert "(default 8; --quick: 2)" in study_help  # --seeds
 
 
 def test_variance_shift_is_measured_where_dropout_feeds_batchnorm():
