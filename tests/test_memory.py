@@ -198,3 +198,155 @@ def test_batch_norm_training_path_works_under_vmap_scan_and_checkpoint():
     g_loop = jax.grad(lambda x: sum(jnp.sum(jnp.sin(layer(x[i]))) for i in range(3)))(x)
     # float32, same operations in a different program: a few ulps of values of order 1.
     np.testing.assert_allclose(g_scan, g_loop, rtol=1e-5, atol=1e-5)
+
+
+# --- every training path keeps the input plus per-feature vectors, with the same rule -------
+
+_P = dropnorm.BatchNormParams
+
+
+def _path(kind):
+    """``f(x, scale, bias) -> y`` for one training path of batch_norm (x: (64, 8, 12))."""
+    _, state = dropnorm.batch_norm_init(12)
+    state = state._replace(mean=jnp.full((12,), 0.5), var=jnp.full((12,), 2.0))
+
+    def bn(x, scale, bias, **kw):
+        return dropnorm.batch_norm(_P(scale, bias), state, x, True, **kw)[0]
+
+    if kind == "axis_name, vmap":
+        return lambda x, s, b: jax.vmap(lambda xi: bn(xi, s, b, axis_name="i"),
+                                        axis_name="i")(x.reshape(8, 8, 8, 12)).reshape(x.shape)
+    if kind == "axis_name, shard_map":
+        from jax.sharding import Mesh
+        from jax.sharding import PartitionSpec as P
+        mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+        return jax.shard_map(lambda x, s, b: bn(x, s, b, axis_name="d"), mesh=mesh,
+                             in_specs=(P("d"), P(), P()), out_specs=P("d"))
+    if kind == "groups":
+        return lambda x, s, b: jax.vmap(
+            lambda xi: bn(xi, s, b, axis_name="i", axis_index_groups=[[0, 1, 2], [3, 4, 5, 6, 7]]),
+            axis_name="i")(x.reshape(8, 8, 8, 12)).reshape(x.shape)
+    if kind == "ghost":
+        return lambda x, s, b: bn(x, s, b, virtual_batch_size=16)
+    if kind == "renorm":
+        return lambda x, s, b: dropnorm.batch_renorm(_P(s, b), state, x, True, r_max=1.5,
+                                                     d_max=0.5)[0]
+    if kind == "traced train":
+        return lambda x, s, b: jax.jit(
+            lambda x, s, b, t: dropnorm.batch_norm(_P(s, b), state, x, t)[0])(
+            x, s, b, jnp.asarray(True))
+    if kind == "mask":
+        return lambda x, s, b: bn(x, s, b, mask=jnp.arange(64)[:, None, None] % 3 != 0)
+    raise ValueError(kind)
+
+
+PATHS = ["axis_name, vmap", "axis_name, shard_map", "groups", "ghost", "renorm", "traced train",
+         "mask"]
+
+
+@pytest.mark.parametrize("kind", PATHS)
+def test_every_training_path_keeps_at_most_the_input_plus_per_feature_vectors(kind):
+    # These paths used plain autodiff through the statistics code before (`fast = ... and
+    # axis_name is None`); now they share the one custom derivative. Ghost batches keep
+    # their vectors per chunk (4 chunks here), a mask its own bytes.
+    x = random_normal((64, 8, 12), jnp.float32, loc=3.0)
+    scale, bias = jnp.full((12,), 1.5), jnp.full((12,), 0.2)
+    used = _residual_bytes(_path(kind), x, scale, bias)
+    vectors = 16 * 8 * 12 * (4 if kind == "ghost" else 1)
+    extra = x.size if kind == "mask" else 0
+    assert used <= x.nbytes + extra + vectors + SMALL, (kind, used, x.nbytes)
+
+
+def _textbook_paths(kind, x, scale, bias, run_mean, run_var, eps=1e-5):
+    """Float64 autodiff reference for the paths (the formulas written out plainly)."""
+    def bn(x, red):
+        mean = x.mean(red, keepdims=True)
+        var = jnp.square(x - mean).mean(red, keepdims=True)
+        return mean, var
+
+    if kind == "ghost":
+        xs = x.reshape((4, 6) + x.shape[1:])
+        mean, var = bn(xs, (1, 2))
+        return ((xs - mean) / jnp.sqrt(var + eps) * scale + bias).reshape(x.shape)
+    if kind == "eval":
+        return (x - run_mean) / jnp.sqrt(run_var + eps) * scale + bias
+    mean, var = bn(x, (0, 1))
+    if kind == "renorm":
+        std, run_std = jnp.sqrt(var + eps), jnp.sqrt(run_var + eps)
+        r = jax.lax.stop_gradient(jnp.clip(std / run_std, 1 / 1.5, 1.5))
+        d = jax.lax.stop_gradient(jnp.clip((mean - run_mean) / run_std, -0.5, 0.5))
+        return ((x - mean) / std * r + d) * scale + bias
+    return (x - mean) / jnp.sqrt(var + eps) * scale + bias
+
+
+@pytest.mark.parametrize("kind", ["axis_name", "groups", "ghost", "renorm", "traced train",
+                                  "traced eval"])
+def test_every_training_path_derivatives_match_float64_autodiff(kind):
+    # Float64, so the comparison measures the derivative rule (reverse, forward, Hessian);
+    # 1e-9 relative as in the test above. "groups" uses two groups of 4 vmap lanes with the
+    # reference computed per group.
+    with jax.enable_x64(True):
+        x = random_normal((24, 5, 3), jnp.float64, seed=3, loc=2.0)
+        scale = jnp.asarray([1.0, 2.0, 0.5], jnp.float64)
+        bias = jnp.asarray([0.0, 1.0, -1.0], jnp.float64)
+        run_mean = jnp.asarray([1.0, 3.0, 2.5], jnp.float64)
+        run_var = jnp.asarray([0.5, 2.0, 4.0], jnp.float64)
+        state = dropnorm.BatchNormState(run_mean, run_var, jnp.zeros((), jnp.int32))
+
+        def ours(x, scale, bias):
+            p = _P(scale, bias)
+            if kind in ("axis_name", "groups"):
+                groups = [[0, 1, 2, 3], [4, 5, 6, 7]] if kind == "groups" else None
+                y = jax.vmap(lambda xi: dropnorm.batch_norm(
+                    p, state, xi, True, axis_name="i", axis_index_groups=groups)[0],
+                    axis_name="i")(x.reshape(8, 3, 5, 3)).reshape(x.shape)
+            elif kind == "ghost":
+                y = dropnorm.batch_norm(p, state, x, True, virtual_batch_size=6)[0]
+            elif kind == "renorm":
+                y = dropnorm.batch_renorm(p, state, x, True, r_max=1.5, d_max=0.5)[0]
+            else:
+                y = dropnorm.batch_norm(p, state, x, jnp.asarray(kind == "traced train"))[0]
+            return jnp.sum(jnp.sin(y))
+
+        def ref(x, scale, bias):
+            if kind == "groups":
+                halves = [_textbook_paths("plain", h, scale, bias, run_mean, run_var)
+                          for h in (x[:12], x[12:])]
+                y = jnp.concatenate(halves)
+            else:
+                y = _textbook_paths({"traced eval": "eval"}.get(kind, kind), x, scale, bias,
+                                    run_mean, run_var)
+            return jnp.sum(jnp.sin(y))
+
+        def close(a, b):
+            a, b = np.asarray(a), np.asarray(b)
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * np.abs(b).max())
+
+        for g_ours, g_ref in zip(jax.grad(ours, (0, 1, 2))(x, scale, bias),
+                                 jax.grad(ref, (0, 1, 2))(x, scale, bias), strict=True):
+            close(g_ours, g_ref)
+        t = (random_normal(x.shape, jnp.float64, seed=4), jnp.ones(3), jnp.ones(3))
+        close(jax.jvp(ours, (x, scale, bias), t)[1], jax.jvp(ref, (x, scale, bias), t)[1])
+        xs = x[:4, :2]
+        h = jax.hessian(lambda v: ours(x.at[:4, :2].set(v), scale, bias))(xs)
+        h_ref = jax.hessian(lambda v: ref(x.at[:4, :2].set(v), scale, bias))(xs)
+        close(h, h_ref)
+
+
+def test_gradient_through_the_running_statistics_in_traced_eval():
+    # With a traced train that is False the output depends on the running statistics; the
+    # custom rule carries their tangents (test-time adaptation differentiates them).
+    with jax.enable_x64(True):
+        x = random_normal((16, 3), jnp.float64, seed=5)
+        params, _ = dropnorm.batch_norm_init(3, dtype=jnp.float64)
+
+        def ours(mean, var):
+            state = dropnorm.BatchNormState(mean, var, jnp.zeros((), jnp.int32))
+            return jnp.sum(jnp.sin(dropnorm.batch_norm(params, state, x, jnp.asarray(False))[0]))
+
+        def ref(mean, var):
+            return jnp.sum(jnp.sin((x - mean) / jnp.sqrt(var + 1e-5)))
+
+        m, v = jnp.asarray([0.1, -0.2, 0.3]), jnp.asarray([1.0, 2.0, 0.5])
+        for a, b in zip(jax.grad(ours, (0, 1))(m, v), jax.grad(ref, (0, 1))(m, v), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9)
