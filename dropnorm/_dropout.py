@@ -188,7 +188,10 @@ def dropout(key, x, rate, train, *, broadcast_dims=(),
       ValueError: for a concrete rate outside [0, 1] or NaN, bad ``broadcast_dims``
         or ``mask_bits``.
       TypeError: for a missing or malformed key while training, a non-boolean
-        ``train``, or an integer ``x``.
+        ``train``, an integer ``x``, or ``key`` and ``x`` swapped (``dropout(x, key,
+        ...)``). Keys may be typed keys of any implementation (``jax.random.key(seed,
+        impl=...)``) or raw ``jax.random.PRNGKey`` keys of the default implementation
+        (``uint32[2]``, or ``uint32[4]`` under ``jax_default_prng_impl='rbg'``).
 
     Examples:
       >>> import jax, jax.numpy as jnp, dropnorm
@@ -218,8 +221,25 @@ def alpha_dropout(key, x, rate, train, *, broadcast_dims=(),
     (``p`` the exact quantised keep probability) keeps zero mean and unit
     variance. ``broadcast_dims`` gives PyTorch's FeatureAlphaDropout.
 
-    Args and conventions are those of :func:`dropout`. Rate 1 returns zeros
-    (the limit of the map as ``p -> 0``).
+    Args:
+      key: a PRNG key; may be None when ``train`` is False.
+      x: floating array (SELU activations, mean 0 and variance 1).
+      rate: probability of dropping an element, in [0, 1]; may be traced (an
+        invalid traced rate makes the output NaN).
+      train: True to apply alpha dropout, False to return ``x``; may be traced.
+      broadcast_dims: axes that share one mask value (``(2, 3)`` for NCHW gives
+        PyTorch's FeatureAlphaDropout).
+      mask_bits: 8, 16 or 32: the resolution of the keep probability.
+
+    Returns:
+      The array after alpha dropout, same shape and dtype. Rate 1 returns zeros
+      (the limit of the map as ``p -> 0``), with zero gradients.
+
+    Raises:
+      ValueError: a concrete rate outside [0, 1] or NaN, bad ``broadcast_dims`` or
+        ``mask_bits``.
+      TypeError: a missing or malformed key while training, a non-boolean
+        ``train``, a non-floating ``x``, or ``key`` and ``x`` swapped.
 
     Examples:
       >>> import jax, jax.numpy as jnp, dropnorm
@@ -244,6 +264,21 @@ def gaussian_dropout(key, x, rate, train, *, broadcast_dims=()) -> jax.Array:
     infinite variance; it returns zeros, the all-dropped convention of
     :func:`dropout`.
 
+    Args:
+      key: a PRNG key; may be None when ``train`` is False.
+      x: floating array.
+      rate: in [0, 1]; the noise variance is ``rate / (1 - rate)``. May be traced.
+      train: True to apply the noise, False to return ``x``; may be traced.
+      broadcast_dims: axes that share one noise value.
+
+    Returns:
+      ``x`` times the noise, same shape and dtype (zeros at rate 1).
+
+    Raises:
+      ValueError: a concrete rate outside [0, 1] or NaN, bad ``broadcast_dims``.
+      TypeError: a missing or malformed key while training, a non-boolean
+        ``train``, a non-floating ``x``, or ``key`` and ``x`` swapped.
+
     Examples:
       >>> import jax, jax.numpy as jnp, dropnorm
       >>> y = dropnorm.gaussian_dropout(jax.random.key(0), jnp.ones(100_000), 0.5, train=True)
@@ -265,6 +300,23 @@ def drop_path(key, x, rate, train, *, mask_bits: int = _masks.DEFAULT_BITS) -> j
     survivors are scaled by the inverse keep probability, so ``E[y] = x``. Use it
     on the residual branch: ``out = shortcut + drop_path(key, branch(x), rate, train)``.
     Conventions are those of :func:`dropout`.
+
+    Args:
+      key: a PRNG key; may be None when ``train`` is False.
+      x: floating array with the batch along axis 0.
+      rate: probability of dropping an example's branch, in [0, 1]; may be traced.
+      train: True to drop, False to return ``x``; may be traced.
+      mask_bits: 8, 16 or 32: the resolution of the keep probability.
+
+    Returns:
+      The array with dropped examples zeroed and the rest scaled by the inverse
+      keep probability, same shape and dtype.
+
+    Raises:
+      ValueError: a scalar ``x`` (no batch axis), a concrete rate outside [0, 1] or
+        NaN, bad ``mask_bits``.
+      TypeError: a missing or malformed key while training, a non-boolean
+        ``train``, a non-floating ``x``, or ``key`` and ``x`` swapped.
 
     Examples:
       >>> import jax, jax.numpy as jnp, dropnorm
