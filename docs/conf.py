@@ -51,6 +51,7 @@ doctest_global_setup = "import jax, jax.numpy as jnp, numpy as np, dropnorm"
 html_theme = "sphinx_book_theme"
 html_title = f"dropnorm {release}"
 html_static_path = ["_static"]
+html_logo = "_static/logo.svg"
 html_theme_options = {
     "show_toc_level": 2,
     "navigation_with_keys": False,
