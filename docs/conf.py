@@ -40,7 +40,8 @@ myst_enable_extensions = ["colon_fence"]
 # autodoc + napoleon: Google-style docstrings (Args:, Returns:, Raises:, Examples:).
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_default_options = {"members": True, "show-inheritance": False}
+# Members are listed in the API pages themselves; a NamedTuple's fields are its Attributes section.
+autodoc_default_options: dict = {}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_custom_sections = [("References", "notes_style")]

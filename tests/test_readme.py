@@ -48,3 +48,16 @@ def test_readme_starts_with_exactly_two_commands_and_ci_runs_the_second():
     # CI runs the README's test command after its own venv lines.
     tail = test_command.split("&& . .venv/bin/activate && ", 1)[1]
     assert tail in ci
+
+
+def test_ci_runs_the_readmes_docs_and_sdist_commands():
+    ci = (ROOT / ".ci" / "run").read_text()
+    bash = [b.strip() for b in _blocks(README, "bash")]
+    docs = next(b for b in bash if "sphinx-build" in b)
+    assert docs == 'pip install -e ".[docs]" && sphinx-build -W -b html docs docs/_build/html'
+    assert docs in ci
+    sdist = next(b for b in bash if b.startswith("tar xzf dist/"))
+    assert sdist.split(" && ", 2)[2] in ci  # what follows `tar xzf ... && cd ...`
+    for step in ["sphinx-build -W -b doctest docs", "python docs/check_site.py",
+                 "apt-get install -y -q chromium"]:
+        assert step in ci, step
