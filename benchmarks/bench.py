@@ -754,34 +754,43 @@ def scale_markdown(scale: dict) -> list[str]:
     cells = {(c["devices"], c["transform"], c["variant"], c["mode"], c["impl"]): c
              for r in runs.values() for c in r["layers"]}
     feats = next(iter(runs.values()))["features"]
+    ns = sorted(runs)
+    per = " / ".join(str(n) for n in ns)
     out = [f"### scale: collectives per BatchNorm layer ({feats} features, compiled HLO)", "",
            "Counted from `jit(f).lower(...).compile().as_text()` (after XLA's all-reduce "
            "combiner); bytes are operand bytes per device, exact and independent of the load. "
-           f"trace+compile: seconds, median of {min(reps, 3)} fresh traces and compiles "
-           "(wall-clock on a shared CPU: noisy).", "",
-           "| transform | variant | pass | devices | dropnorm collectives | dropnorm bytes "
-           "| flax collectives | flax bytes | dropnorm / flax bytes "
-           "| dropnorm trace+compile s | flax trace+compile s |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           f"Columns with `{per}` give the value at {per} devices. trace+compile: seconds, "
+           f"median of {min(reps, 3)} fresh traces and compiles (wall-clock on a shared CPU: "
+           "noisy).", "",
+           f"| transform | variant | pass | dropnorm collectives ({per}) "
+           f"| dropnorm bytes ({per}) | flax collectives ({per}) | flax bytes ({per}) "
+           f"| dropnorm / flax bytes ({ns[-1]} devices) "
+           f"| dropnorm trace+compile s ({per}) | flax trace+compile s ({per}) |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     keys = sorted({k[1:4] for k in cells}, key=lambda k: (
         ("shard_map", "pmap", "vmap").index(k[0]), (k[1] != "plain", k[1] != "mask", k[1]),
         k[2]))
+
+    def col(row, f):
+        return " / ".join("-" if c is None else f(c) for c in row)
+
+    def count(c):
+        return str(c["count"])
+
+    def nbytes(c):
+        return f"{c['bytes']:,}"
+
+    def tc(c):
+        return f"{c['lower_s'] + c['compile_s']:.2f}"
+
     for transform, variant, mode in keys:
-        for n in sorted(runs):
-            ours = cells.get((n, transform, variant, mode, "dropnorm"))
-            lin = cells.get((n, transform, variant, mode, "flax"))
-            if ours is None:
-                continue
-
-            def tc(c):
-                return "-" if c is None else f"{c['lower_s'] + c['compile_s']:.2f}"
-
-            ratio = ("-" if lin is None or not lin["bytes"]
-                     else f"**{ours['bytes'] / lin['bytes']:.1f}x**")
-            lc, lb = ("-", "-") if lin is None else (lin["count"], f"{lin['bytes']:,}")
-            out.append(f"| {transform} | {variant} | {mode} | {n} | {ours['count']} "
-                       f"| {ours['bytes']:,} | {lc} | {lb} | {ratio} "
-                       f"| {tc(ours)} | {tc(lin)} |")
+        ours = [cells.get((n, transform, variant, mode, "dropnorm")) for n in ns]
+        lin = [cells.get((n, transform, variant, mode, "flax")) for n in ns]
+        ratio = ("-" if None in (ours[-1], lin[-1]) or not lin[-1]["bytes"]
+                 else f"**{ours[-1]['bytes'] / lin[-1]['bytes']:.2f}x**")
+        out.append(f"| {transform} | {variant} | {mode} | {col(ours, count)} "
+                   f"| {col(ours, nbytes)} | {col(lin, count)} | {col(lin, nbytes)} | {ratio} "
+                   f"| {col(ours, tc)} | {col(lin, tc)} |")
     out.append("")
     models = [r for r in runs.values() if "models" in r]
     if models:
