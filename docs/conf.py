@@ -40,6 +40,8 @@ myst_enable_extensions = ["colon_fence"]
 # autodoc + napoleon: Google-style docstrings (Args:, Returns:, Raises:, Examples:).
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+# Types go next to the parameters a docstring describes (linen fields are its Attributes).
+autodoc_typehints_description_target = "documented"
 # Members are listed in the API pages themselves; a NamedTuple's fields are its Attributes section.
 autodoc_default_options: dict = {}
 napoleon_google_docstring = True
