@@ -61,3 +61,11 @@ def test_ci_runs_the_readmes_docs_and_sdist_commands():
     for step in ["sphinx-build -W -b doctest docs", "python docs/check_site.py",
                  "apt-get install -y -q chromium"]:
         assert step in ci, step
+
+
+def test_readme_links_lead_to_files():
+    # The front page links into the site's sources; each relative link names a file here.
+    links = [t for t in re.findall(r"\]\(([^)#]+)[^)]*\)", README) if "://" not in t]
+    assert len(links) >= 15
+    for target in links:
+        assert (ROOT / target).exists(), target
