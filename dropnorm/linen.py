@@ -110,6 +110,14 @@ def _check_rng(caller: Caller, rng: Any, name: str) -> jax.Array:
         raise TypeError(str(err).replace("`key`", f"`{name}`", 1)) from None
 
 
+def _batch_of_one(x, mask, feature_axes):
+    """``x`` (and ``mask``) with a leading batch axis of size 1 and the feature axes moved
+    past it: the pure function needs an axis to reduce over, Flax reduces over none."""
+    if mask is not None:
+        mask = jnp.broadcast_to(jnp.asarray(mask), x.shape)[None]
+    return x[None], mask, tuple(a + 1 for a in feature_axes)
+
+
 class _BatchNormShell(nn.BatchNorm):
     """Variable handling shared by :class:`BatchNorm` and :class:`BatchRenorm`."""
 
@@ -133,7 +141,9 @@ class _BatchNormShell(nn.BatchNorm):
           the result type of ``x``, ``scale`` and ``bias``.
         """
         caller = Caller(_name(self), train_off="use_running_average=True", x_name="x",
-                        flax_small_batch=True)
+                        flax_small_batch=True,
+                        state_hint="initialise the variables with an input of this shape "
+                                   "(module.init)")
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average)
         train = _train_from(use_running_average, caller, "use_running_average")
@@ -163,13 +173,19 @@ class _BatchNormShell(nn.BatchNorm):
             ra_mean.value, ra_var.value,
             ra_count.value if ra_count is not None else jnp.zeros((), jnp.int32))
         initializing = self.is_initializing()
+        # Like Flax: no collective while initialising (the axis need not exist yet).
+        axis_name = None if initializing else self.axis_name
+        xb, maskb, axis = x, mask, self.axis
+        if train is not False and axis_name is None and len(feature_axes) == x.ndim:
+            # Every axis a feature axis (a 1-D input with axis=-1, or one example inside a
+            # per-example vmap while initialising): Flax normalises it as a batch of one.
+            xb, maskb, axis = _batch_of_one(x, mask, feature_axes)
         y, new_state = self._pure(
-            caller, BatchNormParams(scale, bias), state, x, train, axis=self.axis,
-            momentum=self.momentum, epsilon=self.epsilon, mask=mask,
-            # Like Flax: no collective while initialising (the axis need not exist yet).
-            axis_name=None if initializing else self.axis_name,
+            caller, BatchNormParams(scale, bias), state, xb, train, axis=axis,
+            momentum=self.momentum, epsilon=self.epsilon, mask=maskb, axis_name=axis_name,
             axis_index_groups=None if initializing else self.axis_index_groups,
             dtype=out_dtype)
+        y = y.reshape(x.shape)
         if train is not False and not initializing:  # like Flax: init updates nothing
             ra_mean.value = new_state.mean
             ra_var.value = new_state.var

@@ -132,6 +132,23 @@ def _feature_shape(num_features, fn):
     return shape
 
 
+def _unpromoted(promoted, original):
+    """``original`` where ``promote_dtype`` only made a real parameter complex, else
+    ``promoted``."""
+    if (original is not None and jnp.iscomplexobj(promoted)
+            and not jnp.iscomplexobj(original)):
+        return original.astype(jnp.finfo(promoted.dtype).dtype)
+    return promoted
+
+
+def _batch_of_one(x, mask, feature_axes):
+    """``x`` (and ``mask``) with a leading batch axis of size 1 and the feature axes moved
+    past it: the pure function needs an axis to reduce over, Flax reduces over none."""
+    if mask is not None:
+        mask = jnp.broadcast_to(jnp.asarray(mask), x.shape)[None]
+    return x[None], mask, tuple(a + 1 for a in feature_axes)
+
+
 def _store(variable, value):
     """Write a new running statistic: in place when the dtype is unchanged; replaced when a
     complex input turns a real running mean complex (writing in place would drop the
@@ -230,15 +247,24 @@ class _BatchNormShell(nnx.BatchNorm):
         # `dtype`), and give the output `dtype`, else the result type of x, scale and bias.
         # The stored statistics are passed as they are (float32): the pure function computes
         # in at least float32 and casts the output to that dtype.
-        x, _, _, scale, bias = self.promote_dtype(
+        x, _, _, scale_p, bias_p = self.promote_dtype(
             (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
-        out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+        out_dtype = dtypes.canonicalize_dtype(x, scale_p, bias_p, dtype=self.dtype)
+        # A complex input promotes real parameters to complex (zero imaginary part); the
+        # pure function takes them real, as they are.
+        scale, bias = (_unpromoted(p, v) for p, v in ((scale_p, scale), (bias_p, bias)))
         count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
         state = BatchNormState(self.mean[...], self.var[...], count)
+        xb, maskb, axis = x, mask, self.axis
+        if train is not False and self.axis_name is None and len(axes) == x.ndim:
+            # Every axis a feature axis (a 1-D input with axis=-1): Flax normalises it as a
+            # batch of one.
+            xb, maskb, axis = _batch_of_one(x, mask, axes)
         y, new_state = self._pure(
-            caller, BatchNormParams(scale, bias), state, x, train, axis=self.axis,
-            momentum=self.momentum, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+            caller, BatchNormParams(scale, bias), state, xb, train, axis=axis,
+            momentum=self.momentum, epsilon=self.epsilon, mask=maskb, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=out_dtype)
+        y = y.reshape(x.shape)
         if train is not False:
             _store(self.mean, new_state.mean)
             _store(self.var, new_state.var)
