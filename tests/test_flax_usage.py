@@ -306,16 +306,19 @@ def _identity_promote(args, /, *, dtype=None, inexact=True):
     return args
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, None])
-def test_nnx_output_dtype_with_custom_promote_dtype(dtype):
-    x = _data((8, 3))  # float32; parameters float16: Flax's dtype is canonicalize_dtype(...)
+@pytest.mark.parametrize("x_dtype,param_dtype,dtype", [
+    (jnp.float32, jnp.float16, jnp.float16),  # dtype given: the output has it
+    (jnp.float16, jnp.float32, None),  # inferred: result type of x, scale, bias (float32)
+])
+def test_nnx_output_dtype_with_custom_promote_dtype(x_dtype, param_dtype, dtype):
+    x = _data((8, 3)).astype(x_dtype)  # an identity promote_dtype leaves the dtypes mixed
     outs = []
     for lib in (nnx, dnx):
-        bn = lib.BatchNorm(3, dtype=dtype, param_dtype=jnp.float16,
+        bn = lib.BatchNorm(3, dtype=dtype, param_dtype=param_dtype,
                            promote_dtype=_identity_promote, rngs=nnx.Rngs(0))
         outs.append(bn(x))
     assert outs[1].dtype == outs[0].dtype == (dtype or jnp.float32)
-    # Flax normalises with float16 scale and bias; one float16 rounding of |y| <~ 4: 2e-3.
+    # At most one float16 rounding apart (2**-11 relative) for |y| <~ 4: 2e-3.
     _close(outs[1].astype(np.float32), outs[0].astype(np.float32), {"rtol": 2e-3, "atol": 2e-3})
 
 
