@@ -515,9 +515,11 @@ def _stacked(lib, n=3, seed=0):
     return create(nnx.Rngs(seed))
 
 
-def test_nnx_scan_over_stacked_layers():
-    """The NNX scan guide's pattern: layers created under nnx.vmap, applied with nnx.scan."""
-    x = _data((8, 4))
+@pytest.mark.parametrize("batch", [8, 1])
+def test_nnx_scan_over_stacked_layers(batch):
+    """The NNX scan guide's pattern: layers created under nnx.vmap, applied with nnx.scan
+    (also to a batch of one, as Flax's transform tests do)."""
+    x = _data((batch, 4))
     stacks = {name: _stacked(lib) for name, lib in NNX.items()}
     nnx.update(stacks["dropnorm"], nnx.state(stacks["flax"]))
     outs = {}
