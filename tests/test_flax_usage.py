@@ -322,6 +322,20 @@ def test_nnx_output_dtype_with_custom_promote_dtype(x_dtype, param_dtype, dtype)
     _close(outs[1].astype(np.float32), outs[0].astype(np.float32), {"rtol": 2e-3, "atol": 2e-3})
 
 
+def test_integer_input_like_flax():
+    """uint8 pixels straight into a BatchNorm: Flax computes in float32 (linen casts, NNX's
+    promote_dtype promotes); so do ours."""
+    x = jax.random.randint(jax.random.key(0), (8, 3), 0, 256).astype(jnp.uint8)
+    v = nn.BatchNorm().init(jax.random.key(1), x, use_running_average=False)
+    outs = [lib.BatchNorm(use_running_average=False).apply(v, x, mutable=["batch_stats"])
+            for lib in (nn, dnn)]
+    assert outs[1][0].dtype == outs[0][0].dtype == jnp.float32
+    jax.tree.map(_close, outs[1], outs[0])
+    y_t, y_o = (lib.BatchNorm(3, rngs=nnx.Rngs(0))(x) for lib in (nnx, dnx))
+    assert y_o.dtype == y_t.dtype == jnp.float32
+    _close(y_o, y_t)
+
+
 # --- 7. Signatures ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["BatchNorm", "Dropout"])
