@@ -21,8 +21,10 @@ What is timed (one jitted function per cell, inputs already on the device):
 Contenders run interleaved (one call of each per round) and every time is the median
 over rounds; the ratio to Flax (``linen/this``, ``nnx/this``, and the ratio columns of the
 tables) is the median of the per-round ratios, not the quotient of the two median times:
-it cancels most of the drift from other processes sharing the CPU, and on a busy CPU it
-can differ from that quotient by several per cent. The run prints this at its top.
+it cancels drift that hits both contenders of a round. The quotient of the medians is
+printed beside it ("of medians", and a column of the batch-norm and dropout tables);
+with few rounds (``--quick``: 3) on a busy CPU the two can differ widely, and a cell
+where they disagree is not reliable. The run prints this at its top.
 ``copy`` is ``x * 2``: its bandwidth (2 passes over ``x``) sets the memory floor,
 ``passes * x.nbytes / bandwidth``, with passes = 2 (dropout fwd), 4 (dropout vjp: read x,
 write y, read dy, write dx), 3 (batch norm fwd: statistics, read x, write y) and 8 (batch
@@ -659,11 +661,13 @@ def machine() -> dict:
 
 
 COLUMNS = (
-    "columns: ms = median seconds per call over {r} rounds (x 1e3); linen/this = median over the "
-    "rounds of (flax.linen time / this contender's time) in the SAME round: a median of "
-    "per-round ratios, not the quotient of the two medians, because it cancels most of the "
-    "drift from other processes; the two can differ by several % on a busy CPU. floor = "
-    "memory-floor time / median time (100% = at the floor; see the module docstring).")
+    "columns: ms = median seconds per call over {r} rounds (x 1e3). linen/this = median over "
+    "the rounds of (flax.linen time / this contender's time) in the SAME round: a median of "
+    "per-round ratios, which cancels drift that hits both contenders of a round. It is NOT "
+    "the quotient of the two median times, printed beside it as 'of medians': with few rounds "
+    "on a busy CPU the two can differ widely (1.40 against 1.01 seen in a 3-round --quick run "
+    "at load average 5); where they disagree, neither is reliable. floor = memory-floor time / "
+    "median time (100% = at the floor; see the module docstring).")
 
 
 def code_version() -> dict:
@@ -718,8 +722,10 @@ def run(shapes, repeats: int, ops, modes, layer_shape, policies: bool = True) ->
                             "floor_ms": None if floor is None else floor * 1e3,
                             "floor_fraction": None if floor is None else floor / med,
                         })
+                        of_medians = statistics.median(times["flax.linen"]) / med
                         print(f"{op:10s} {mode:4s} {str(shape):20s} {dname:4s} {name:10s} "
-                              f"{med * 1e3:9.3f} ms  linen/this {ratio_linen:5.2f}  "
+                              f"{med * 1e3:9.3f} ms  linen/this {ratio_linen:5.2f} "
+                              f"(of medians {of_medians:5.2f})  "
                               f"floor {'' if floor is None else f'{floor / med:6.1%}'}",
                               flush=True)
             rows.append({"op": "copy", "mode": "fwd", "shape": list(shape), "dtype": dname,
@@ -829,8 +835,9 @@ def markdown(result: dict) -> str:
         out += [f"### {op}" + (f" (rate {result['rate']})" if op == "dropout" else " (train)"),
                 "",
                 "| shape | dtype | mode | dropnorm ms | flax.linen ms | flax.nnx ms "
-                "| linen / dropnorm | nnx / dropnorm | floor % dropnorm | floor % linen |",
-                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                "| linen / dropnorm (per round) | linen ms / dropnorm ms "
+                "| nnx / dropnorm (per round) | floor % dropnorm | floor % linen |",
+                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         keys = sorted({k[:3] for k in cells}, key=lambda k: (
             [tuple(r["shape"]) for r in rows].index(k[0]), k[1] != "f32",
             ["fwd", "vjp", "loss"].index(k[2])))
@@ -844,6 +851,7 @@ def markdown(result: dict) -> str:
 
             out.append(f"| {shape} | {dtype} | {mode} | {ours['ms']:.2f} | {lin['ms']:.2f} "
                        f"| {nx['ms']:.2f} | **{ours['linen_over_this']:.2f}** "
+                       f"| {lin['ms'] / ours['ms']:.2f} "
                        f"| {ours['nnx_over_this']:.2f} | {pct(ours)} | {pct(lin)} |")
         out.append("")
     pol = {(tuple(r["shape"]), r["dtype"], r["mode"], r["impl"]): r
