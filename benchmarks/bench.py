@@ -368,6 +368,12 @@ def _groups(n: int, g: int) -> list[list[int]]:
     return [[0]] + [[int(i) for i in r] for r in rest]
 
 
+@functools.cache
+def _flax_bn_variables(features: int) -> dict:
+    return nn.BatchNorm(use_running_average=False).init(jax.random.key(0),
+                                                        jnp.ones((2, features)))
+
+
 def _bn_layers(features: int, groups=None, mask=False) -> dict[str, tuple]:
     """name -> (layer(p, s, x, m) -> (y, new_stats), params, stats), with ``axis_name="b"``."""
     p, s = dropnorm.batch_norm_init(features)
@@ -377,7 +383,7 @@ def _bn_layers(features: int, groups=None, mask=False) -> dict[str, tuple]:
                                    mask=m if mask else None)
 
     lin = nn.BatchNorm(use_running_average=False, axis_name="b", axis_index_groups=groups)
-    fv = lin.init(jax.random.key(0), jnp.ones((2, features)))
+    fv = _flax_bn_variables(features)  # the same variables whatever axis_name and groups
 
     def theirs(p, s, x, m):
         y, upd = lin.apply({"params": p, "batch_stats": s}, x, mask=m if mask else None,
@@ -425,7 +431,7 @@ def scale_layers(n: int, features: int = SCALE_FEATURES, reps: int = 1, only=Non
     assert jax.device_count() >= n, (jax.device_count(), n)
     mesh = Mesh(np.array(jax.devices()[:n]), ("b",))
     b = SCALE_PER_DEVICE
-    x = jax.random.normal(jax.random.key(0), (n * b, features))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((n * b, features), np.float32))
     m = jnp.arange(n * b)[:, None] % 3 != 0  # a third of the rows padded, unevenly per device
     m = jnp.broadcast_to(m, x.shape)
     ct = jnp.ones_like(x)
@@ -448,6 +454,8 @@ def scale_layers(n: int, features: int = SCALE_FEATURES, reps: int = 1, only=Non
 
     shp = (n, b, features)
     for variant, kw in variants.items():
+        if only is not None and not any(v == variant for _, v, _ in only):
+            continue
         for impl, (layer, p, s) in _bn_layers(features, **kw).items():
             grouped = "groups" in kw
             flat, mapped = (p, s, x, m, ct), (p, s, x.reshape(shp), m.reshape(shp),

@@ -1,13 +1,14 @@
 """The shape of the compiled program across devices: collectives per BatchNorm layer.
 
 Not a timing: each test compiles one ``batch_norm(..., axis_name="b")`` layer (256
-features) under ``shard_map`` and ``pmap`` on 8 and on 64 simulated CPU devices, reads every
-collective from the optimised HLO (``jit(f).lower(...).compile().as_text()``, after XLA's
-all-reduce combiner) and compares the count and the operand bytes with
-``flax.linen.BatchNorm(axis_name=...)`` compiled the same way. Flax's form is one
-all-reduce of ``2 x features`` floats whatever the number of devices; dropnorm's exact
-combination may cost more, but never more than twice that, in at most 2 collectives (3
-with the backward pass), and the same at 8 and 64 devices (issue 12).
+features) under ``shard_map``, ``pmap`` and ``vmap`` on 8 and on 64 simulated CPU
+devices, reads every collective from the optimised HLO
+(``jit(f).lower(...).compile().as_text()``, after XLA's all-reduce combiner) and
+compares the count and the operand bytes with ``flax.linen.BatchNorm(axis_name=...)``
+compiled the same way. Flax's form is one all-reduce of ``2 x features`` floats
+whatever the number of devices; dropnorm's exact combination may cost more, but never
+more than twice that, in at most 2 collectives (3 with the backward pass), and the
+same at 8 and 64 devices (issue 12).
 
 The device count is fixed when JAX starts (``XLA_FLAGS``, which tests/conftest.py sets to
 8 for the session), so each device count runs in its own subprocess. The probe is the
@@ -40,8 +41,10 @@ CELLS = [
     ("shard_map", "mask", "fwd"),
     ("shard_map", "groups=2", "fwd"), ("shard_map", "groups=4", "fwd"),
     ("pmap", "plain", "fwd"), ("pmap", "plain", "fwd+bwd"),
+    ("vmap", "plain", "fwd+bwd"),
 ]
-FORWARD = [c for c in CELLS if c[2] == "fwd" and not c[1].startswith("groups")]
+FORWARD = [c for c in CELLS
+           if c[0] != "vmap" and c[2] == "fwd" and not c[1].startswith("groups")]
 
 
 def _probe(n: int) -> list[dict]:
@@ -139,3 +142,12 @@ def test_groups_cost_is_proportional_to_the_groups_not_the_devices(cells, n):
         assert c["count"] <= 2, _show(c)
         assert c["bytes"] <= g * 2 * FLAX_BYTES, _show(c)
     assert four["bytes"] == 2 * two["bytes"], (_show(two), _show(four))
+
+
+@pytest.mark.parametrize("n", DEVICES)
+def test_vmap_lanes_compile_to_no_collectives(cells, n):
+    # jax.vmap(..., axis_name="b") keeps every lane on one device: its psums become local
+    # reductions, so neither library's program has a collective, forward or backward.
+    for impl in ("dropnorm", "flax"):
+        c = cells[(n, "vmap", "plain", "fwd+bwd", impl)]
+        assert c["count"] == 0, _show(c)
