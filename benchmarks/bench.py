@@ -374,13 +374,19 @@ def _flax_bn_variables(features: int) -> dict:
                                                         jnp.ones((2, features)))
 
 
-def _bn_layers(features: int, groups=None, mask=False) -> dict[str, tuple]:
-    """name -> (layer(p, s, x, m) -> (y, new_stats), params, stats), with ``axis_name="b"``."""
+def _bn_layers(features: int, groups=None, mask=False, ghost=None) -> dict[str, tuple]:
+    """name -> (layer(p, s, x, m) -> (y, new_stats), params, stats), with ``axis_name="b"``.
+
+    ``ghost``: dropnorm's ``virtual_batch_size`` (Flax has no ghost batches: dropnorm only).
+    """
     p, s = dropnorm.batch_norm_init(features)
 
     def ours(p, s, x, m):
         return dropnorm.batch_norm(p, s, x, True, axis_name="b", axis_index_groups=groups,
-                                   mask=m if mask else None)
+                                   mask=m if mask else None, virtual_batch_size=ghost)
+
+    if ghost is not None:
+        return {"dropnorm": (ours, p, s)}
 
     lin = nn.BatchNorm(use_running_average=False, axis_name="b", axis_index_groups=groups)
     fv = _flax_bn_variables(features)  # the same variables whatever axis_name and groups
@@ -422,7 +428,8 @@ def scale_layers(n: int, features: int = SCALE_FEATURES, reps: int = 1, only=Non
     device) and ``jax.vmap(..., axis_name="b")`` (n lanes on one device); ``fwd`` is the layer
     in training mode, ``fwd+bwd`` adds the gradients w.r.t. params and x. Variants: ``mask``
     (a padding mask), ``groups=g`` (``axis_index_groups``, g unequal groups; Flax supports
-    those under ``pmap`` only). Times are medians of ``reps`` fresh traces and compiles.
+    those under ``pmap`` only), ``ghost=2 devices`` (``virtual_batch_size`` twice the local
+    batch; dropnorm only). Times are medians of ``reps`` fresh traces and compiles.
     ``only``: None for every cell, or a collection of ``(transform, variant, mode)`` to probe.
     """
     from jax.sharding import Mesh
@@ -437,6 +444,7 @@ def scale_layers(n: int, features: int = SCALE_FEATURES, reps: int = 1, only=Non
     ct = jnp.ones_like(x)
     variants = {"plain": {}, "mask": {"mask": True}}
     variants |= {f"groups={g}": {"groups": _groups(n, g)} for g in (2, 4)}
+    variants["ghost=2 devices"] = {"ghost": 2 * b}  # each ghost batch spans 2 devices
     out = []
 
     def record(transform, variant, impl, mode, lower):
@@ -474,7 +482,7 @@ def scale_layers(n: int, features: int = SCALE_FEATURES, reps: int = 1, only=Non
                 pm = jax.pmap(f, axis_name="b", in_axes=(None, None, 0, 0, 0))
                 record("pmap", variant, impl, mode,
                        functools.partial(lambda pm, a: pm.lower(*a), pm, mapped))
-                if not grouped:
+                if not grouped and "ghost" not in kw:
                     vm = jax.vmap(f, in_axes=(None, None, 0, 0, 0), axis_name="b",
                                   out_axes=(0, None) if mode == "fwd" else ((0, 0), None))
                     record("vmap", variant, impl, mode,
@@ -782,7 +790,8 @@ def scale_markdown(scale: dict) -> list[str]:
            f"| dropnorm trace+compile s ({per}) | flax trace+compile s ({per}) |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     keys = sorted({k[1:4] for k in cells}, key=lambda k: (
-        ("shard_map", "pmap", "vmap").index(k[0]), (k[1] != "plain", k[1] != "mask", k[1]),
+        ("shard_map", "pmap", "vmap").index(k[0]),
+        (k[1] != "plain", k[1] != "mask", k[1].startswith("ghost"), k[1]),
         k[2]))
 
     def col(row, f):
