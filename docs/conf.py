@@ -55,6 +55,7 @@ html_theme = "sphinx_book_theme"
 html_title = f"dropnorm {release}"
 html_static_path = ["_static"]
 html_logo = "_static/logo.svg"
+html_css_files = ["dropnorm.css"]
 html_theme_options = {
     "show_toc_level": 2,
     "navigation_with_keys": False,
