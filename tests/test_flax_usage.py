@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import subprocess
 import sys
 import warnings
@@ -472,7 +473,7 @@ def test_import_without_flax_says_how_to_install_it(module):
         "    print(type(err).__name__, '|', err)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+                         check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.stdout.startswith("ImportError |"), out.stdout + out.stderr
     assert 'pip install "dropnorm[flax]"' in out.stdout, out.stdout
 
