@@ -134,6 +134,17 @@ def test_results_page_percentages_are_in_the_saved_results():
     assert len(quoted) >= 4
     for pair in quoted:
         assert pair in known, pair
+    # And every other one-decimal percentage is some saved accuracy (mean over seeds), but
+    # those of the sentence on examples/mnist1d.py, a separate run (one seed).
+    means = {f"{100 * float(r[k]):.1f}" for name in ("results.csv", "sweeps.csv",
+                                                     "variance_shift.csv")
+             for r in _rows(name) for k in r if k.endswith("acc_mean")}
+    prose = re.sub(r"The example script's defaults.*?\.\n\n", "", page, flags=re.S)
+    assert prose != page
+    percentages = re.findall(r"(?<!± )\b(\d+\.\d)%", prose)  # the std of a ± is above
+    assert len(percentages) >= 15
+    for value in percentages:
+        assert value in means, value
     # Wall time and number of configurations: those of the run in timing.md.
     timing = (DOCS / "results" / "timing.md").read_text()
     seconds = re.search(r"Wall time: (\d+) s \((\d+\.\d) min\)", timing).groups()
