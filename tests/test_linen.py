@@ -139,11 +139,18 @@ def test_dropout_fields_and_defaults_match_flax():
 
 
 def test_init_does_not_update_and_tolerates_one_example():
-    x = jnp.ones((1, 3))  # a typical dummy init input: no statistics possible
-    for mod in (nn.BatchNorm(use_running_average=False), dnn.BatchNorm(use_running_average=False)):
-        v = mod.init(jax.random.key(0), x)
+    x = jnp.ones((1, 3))  # a typical dummy init input: one value per feature
+    outs = []
+    for mod in (nn.BatchNorm(use_running_average=False), dnn.BatchNorm(use_running_average=False),
+                dnn.BatchNorm(use_running_average=False, virtual_batch_size=4)):
+        y, v = mod.init_with_output(jax.random.key(0), x)
         np.testing.assert_array_equal(v["batch_stats"]["mean"], np.zeros(3))
         np.testing.assert_array_equal(v["batch_stats"]["var"], np.ones(3))
+        outs.append(y)
+    # As in Flax: batch statistics of the one value (mean = x, variance 0), so the bias; ghost
+    # batches that do not divide the dummy batch are off while initialising.
+    for y in outs:
+        np.testing.assert_array_equal(y, np.zeros((1, 3)))
     x = jnp.arange(12.0).reshape(4, 3)
     v = dnn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
     np.testing.assert_array_equal(v["batch_stats"]["mean"], np.zeros(3))
