@@ -346,20 +346,25 @@ def hlo_collectives(hlo_text: str) -> list[tuple[str, int]]:
     return found
 
 
-def _compiled(lower: Callable) -> tuple[object, float, float]:
-    """``lower()`` then compile; (compiled, trace+lower seconds, compile seconds)."""
-    t0 = time.perf_counter()
+def _compiled(lower: Callable) -> tuple[object, dict[str, float]]:
+    """``lower()`` then compile: the compiled function and the seconds each took.
+
+    ``lower_s``, ``compile_s``: wall-clock; ``lower_cpu_s``, ``compile_cpu_s``: CPU time of
+    this process (every thread), which other processes sharing the CPU inflate much less.
+    """
+    t0, c0 = time.perf_counter(), time.process_time()
     lowered = lower()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     compiled = lowered.compile()
-    return compiled, t1 - t0, time.perf_counter() - t1
+    t2, c2 = time.perf_counter(), time.process_time()
+    return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1,
+                      "lower_cpu_s": c1 - c0, "compile_cpu_s": c2 - c1}
 
 
 def _probe(lower: Callable) -> dict:
-    compiled, t_lower, t_compile = _compiled(lower)
+    compiled, times = _compiled(lower)
     ops = hlo_collectives(compiled.as_text())
-    return {"count": len(ops), "bytes": sum(b for _, b in ops), "ops": ops,
-            "lower_s": t_lower, "compile_s": t_compile}
+    return {"count": len(ops), "bytes": sum(b for _, b in ops), "ops": ops, **times}
 
 
 def _groups(n: int, g: int) -> list[list[int]]:
@@ -455,8 +460,8 @@ def scale_layers(n: int, features: int = SCALE_FEATURES, reps: int = 1, only=Non
             jax.clear_caches()  # every repetition traces and compiles afresh
             cells.append(_probe(lower))
         c = dict(cells[0])
-        c["lower_s"] = statistics.median(x["lower_s"] for x in cells)
-        c["compile_s"] = statistics.median(x["compile_s"] for x in cells)
+        for k in ("lower_s", "compile_s", "lower_cpu_s", "compile_cpu_s"):
+            c[k] = statistics.median(x[k] for x in cells)
         out.append({"devices": n, "transform": transform, "variant": variant, "impl": impl,
                     "mode": mode, **c})
 
@@ -580,16 +585,18 @@ def time_trace_compile(lowers: dict[str, Callable], reps: int) -> dict[str, dict
 
     Each round clears JAX's caches and builds a fresh ``jit``/``pmap``, so every round pays
     the whole trace and compile. Reported: the median of each over the rounds, and the
-    median total (trace+lower+compile of the same round).
+    median total (trace+lower+compile of the same round), in wall-clock and CPU seconds.
     """
-    times = {name: {"lower_s": [], "compile_s": [], "total_s": []} for name in lowers}
+    keys = ("lower_s", "compile_s", "total_s", "lower_cpu_s", "compile_cpu_s", "total_cpu_s")
+    times = {name: {k: [] for k in keys} for name in lowers}
     for _ in range(reps):
         for name, lower in lowers.items():
             jax.clear_caches()
-            _, t_lower, t_compile = _compiled(lower)
-            times[name]["lower_s"].append(t_lower)
-            times[name]["compile_s"].append(t_compile)
-            times[name]["total_s"].append(t_lower + t_compile)
+            _, t = _compiled(lower)
+            t["total_s"] = t["lower_s"] + t["compile_s"]
+            t["total_cpu_s"] = t["lower_cpu_s"] + t["compile_cpu_s"]
+            for k in keys:
+                times[name][k].append(t[k])
     return {name: {k + "_median": statistics.median(v) for k, v in t.items()} | t
             for name, t in times.items()}
 
@@ -639,11 +646,13 @@ def run_scale(devices=SCALE_DEVICES, reps: int = 5, models: bool = True,
         for c in res["layers"]:
             print(f"scale {n:3d} devices {c['transform']:9s} {c['variant']:8s} {c['mode']:7s} "
                   f"{c['impl']:8s} {c['count']} collectives {c['bytes']:9d} bytes  "
-                  f"trace+compile {c['lower_s'] + c['compile_s']:6.3f} s", flush=True)
+                  f"trace+compile {c['lower_s'] + c['compile_s']:6.3f} s "
+                  f"({c['lower_cpu_s'] + c['compile_cpu_s']:6.3f} s CPU)", flush=True)
         for step in ("resnet_pmap", "twelve_layer"):
             for impl, t in res.get("models", {}).get(step, {}).items():
                 print(f"scale {step:12s} {impl:8s} trace+lower {t['lower_s_median']:6.3f} s  "
-                      f"compile {t['compile_s_median']:6.3f} s  total {t['total_s_median']:6.3f} s",
+                      f"compile {t['compile_s_median']:6.3f} s  total {t['total_s_median']:6.3f} s"
+                      f"  CPU {t['total_cpu_s_median']:6.3f} s",
                       flush=True)
         out["runs"].append(res)
     out["uptime_after"] = _load()
@@ -778,12 +787,13 @@ def scale_markdown(scale: dict) -> list[str]:
     feats = next(iter(runs.values()))["features"]
     ns = sorted(runs)
     per = " / ".join(str(n) for n in ns)
+    cpu = all("lower_cpu_s" in c for c in cells.values())
     out = [f"### scale: collectives per BatchNorm layer ({feats} features, compiled HLO)", "",
            "Counted from `jit(f).lower(...).compile().as_text()` (after XLA's all-reduce "
            "combiner); bytes are operand bytes per device, exact and independent of the load. "
-           f"Columns with `{per}` give the value at {per} devices. trace+compile: seconds, "
-           f"median of {min(reps, 3)} fresh traces and compiles (wall-clock on a shared CPU: "
-           "noisy).", "",
+           f"Columns with `{per}` give the value at {per} devices. trace+compile: "
+           f"{'CPU' if cpu else 'wall-clock'} seconds, median of {min(reps, 3)} fresh traces "
+           "and compiles (on a shared CPU: noisy).", "",
            f"| transform | variant | pass | dropnorm collectives ({per}) "
            f"| dropnorm bytes ({per}) | flax collectives ({per}) | flax bytes ({per}) "
            f"| dropnorm / flax bytes ({ns[-1]} devices) "
@@ -804,6 +814,8 @@ def scale_markdown(scale: dict) -> list[str]:
         return f"{c['bytes']:,}"
 
     def tc(c):
+        if cpu:
+            return f"{c['lower_cpu_s'] + c['compile_cpu_s']:.2f}"
         return f"{c['lower_s'] + c['compile_s']:.2f}"
 
     for transform, variant, mode in keys:
@@ -820,19 +832,27 @@ def scale_markdown(scale: dict) -> list[str]:
         m = models[0]["models"]
         out += [f"### scale: trace+compile of a training step (s, median of {m['reps']} rounds)",
                 "", "Each round clears JAX's caches and traces, lowers and compiles a fresh "
-                "`jit`/`pmap`, dropnorm and Flax interleaved. The ratio is of the medians of "
-                "the totals. Wall-clock on a shared CPU: noisy.", "",
-                "| step | dropnorm trace+lower | dropnorm compile | flax trace+lower "
-                "| flax compile | dropnorm total / flax total |",
-                "|---|---:|---:|---:|---:|---:|"]
+                "`jit`/`pmap`, dropnorm and Flax interleaved. Wall: wall-clock seconds "
+                "(trace+lower + compile); CPU: this process's CPU seconds, all threads, which "
+                "other processes on a shared CPU inflate much less. Ratios are of the medians "
+                "of the totals.", "",
+                "| step | dropnorm wall | flax wall | wall ratio | dropnorm CPU | flax CPU "
+                "| CPU ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
         names = {"resnet_pmap": f"ResNet (15 BatchNorm, `axis_name`), `pmap` on "
                                 f"{m['devices']} devices",
                  "twelve_layer": "12-layer bf16 Dense/BatchNorm/Dropout, one device"}
         for step, label in names.items():
             o, f = m[step]["dropnorm"], m[step]["flax"]
-            out.append(f"| {label} | {o['lower_s_median']:.2f} | {o['compile_s_median']:.2f} "
-                       f"| {f['lower_s_median']:.2f} | {f['compile_s_median']:.2f} "
-                       f"| **{o['total_s_median'] / f['total_s_median']:.2f}** |")
+
+            def wall(t):
+                return (f"{t['total_s_median']:.2f} ({t['lower_s_median']:.2f} + "
+                        f"{t['compile_s_median']:.2f})")
+
+            cpu_cells = ("- | - | -" if "total_cpu_s_median" not in o else
+                         f"{o['total_cpu_s_median']:.2f} | {f['total_cpu_s_median']:.2f} "
+                         f"| **{o['total_cpu_s_median'] / f['total_cpu_s_median']:.2f}**")
+            out.append(f"| {label} | {wall(o)} | {wall(f)} "
+                       f"| **{o['total_s_median'] / f['total_s_median']:.2f}** | {cpu_cells} |")
         out.append("")
     out += [f"Load: before `{scale['uptime_before']}`; after `{scale['uptime_after']}`.", ""]
     return out
