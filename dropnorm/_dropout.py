@@ -31,6 +31,7 @@ class _Static(NamedTuple):
     mask_shape: tuple[int, ...]
     bits: int
     rate: float | None  # the rate when it is a Python number, else None (traced)
+    seeded: bool  # the key argument is the hash's seed (_masks.seed_words), not a key
 
 
 def _noise(key, rate, static: _Static, dtype=jnp.float32):
@@ -49,7 +50,7 @@ def _noise(key, rate, static: _Static, dtype=jnp.float32):
         sigma = jnp.sqrt(r / jnp.maximum(1.0 - r, 1e-30))
         return jnp.where(r < 1.0, 1.0 + sigma * z, 0.0), None
     k = _masks.keep_threshold(r, static.bits)
-    keep = _masks.keep_mask(key, static.mask_shape, k, static.bits)
+    keep = _masks.keep_mask(key, static.mask_shape, k, static.bits, static.seeded)
     if static.kind == "dropout":
         inv = jnp.asarray(_masks.inverse_keep(k, static.bits), dtype)
         return jnp.where(keep, inv, jnp.zeros((), dtype)), None
@@ -88,7 +89,7 @@ def _noisy(x, key, rate, static):
 def _noisy_jvp(static, primals, tangents):
     x, key, rate = primals
     y = _noisy(x, key, rate, static)
-    # The tangent is linear in t; under jax.checkpoint reverse mode saves (key, rate) and
+    # The tangent is linear in t; under jax.checkpoint reverse mode saves (seed, rate) and
     # regenerates the multiplier, instead of keeping a mask alive until the backward pass.
     # Measured on CPU (BENCHMARKS.md), this is also the fastest of the three policies:
     # regenerating beat keeping a bool mask and keeping a bit-packed mask.
@@ -138,12 +139,18 @@ def random_map_as(caller, kind, key, x, rate, train, *, broadcast_dims=(),
         return x
     key = _checks.check_key(key, fn, caller.train_off)
     mask_shape = tuple(1 if i in bdims else d for i, d in enumerate(x.shape))
+    # Threefry only derives the hash's 64-bit seed; deriving it here, outside the custom rule,
+    # makes the seed (8 bytes) the residual, so the backward pass regenerates the mask with
+    # the cheap hash alone, and threefry is traced and compiled once per layer, not twice.
+    seeded = _KINDS[kind] != "gaussian" and _masks.uses_hash(_masks.n_words(mask_shape,
+                                                                            mask_bits))
     static = _Static(_KINDS[kind], mask_shape, mask_bits,
-                     rate if isinstance(rate, float) else None)
+                     rate if isinstance(rate, float) else None, seeded)
     dyn_rate = jnp.float32(0.0) if isinstance(rate, float) else rate
+    rng = _masks.seed_words(key) if seeded else key
 
     def drop(x):
-        return _noisy(x, key, dyn_rate, static)
+        return _noisy(x, rng, dyn_rate, static)
 
     if train is True:
         return drop(x)

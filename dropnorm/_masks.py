@@ -45,6 +45,23 @@ def _mix(h: jax.Array, m1: int, m2: int, s3: int) -> jax.Array:
     return h ^ (h >> s3)
 
 
+def seed_words(key: jax.Array) -> jax.Array:
+    """The 64-bit seed ``(k0, k1)`` of the hash, as two uint32: threefry's only work."""
+    return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def hashed_words(seed: jax.Array, n: int) -> jax.Array:
+    """``n`` uint32 words from a seed of :func:`seed_words`: ``g(f(i ^ k0) + k1)``."""
+    i = lax.iota(jnp.uint32, n)
+    h = _mix(i ^ seed[0], 0x7FEB352D, 0x846CA68B, 16)
+    return _mix(h + seed[1], 0x21F0AAAD, 0xD35A2D97, 15)
+
+
+def uses_hash(n_words: int) -> bool:
+    """Whether ``n_words`` words come from the hash (else threefry: the index would wrap)."""
+    return n_words <= _MAX_HASH_WORDS
+
+
 def random_words(key: jax.Array, n: int) -> jax.Array:
     """``n`` uniform uint32 words from ``key``: a keyed hash of the word's index.
 
@@ -58,21 +75,26 @@ def random_words(key: jax.Array, n: int) -> jax.Array:
     checks uniformity, neighbour and shared-word independence, and independence
     across keys. Beyond 2**32 words the index would wrap, so threefry takes over.
     """
-    if n > _MAX_HASH_WORDS:
+    if not uses_hash(n):
         return jax.random.bits(key, (n,), jnp.uint32)
-    k = jax.random.bits(key, (2,), jnp.uint32)
-    i = lax.iota(jnp.uint32, n)
-    h = _mix(i ^ k[0], 0x7FEB352D, 0x846CA68B, 16)
-    return _mix(h + k[1], 0x21F0AAAD, 0xD35A2D97, 15)
+    return hashed_words(seed_words(key), n)
 
 
-def uniform_bits(key: jax.Array, shape: tuple[int, ...], bits: int) -> jax.Array:
-    """Uniform unsigned integers of ``bits`` bits, shape ``shape``, cut from 32-bit words."""
+def n_words(shape: tuple[int, ...], bits: int) -> int:
+    return -(-math.prod(shape) // (32 // bits))
+
+
+def uniform_bits(key: jax.Array, shape: tuple[int, ...], bits: int,
+                 seeded: bool = False) -> jax.Array:
+    """Uniform unsigned integers of ``bits`` bits, shape ``shape``, cut from 32-bit words.
+
+    ``seeded``: ``key`` is already a seed of :func:`seed_words` (the hash's words).
+    """
     n = math.prod(shape)
+    words_n = n_words(shape, bits)
+    words = hashed_words(key, words_n) if seeded else random_words(key, words_n)
     if bits == 32:
-        return random_words(key, n).reshape(shape)
-    per_word = 32 // bits
-    words = random_words(key, -(-n // per_word))
+        return words.reshape(shape)
     parts = lax.bitcast_convert_type(words, _UINT[bits])  # (words, per_word)
     return parts.reshape(-1)[:n].reshape(shape)
 
@@ -84,9 +106,10 @@ def keep_threshold(rate: float | jax.Array, bits: int):
     return jnp.round((1.0 - rate) * jnp.float32(2**bits))
 
 
-def keep_mask(key: jax.Array, shape: tuple[int, ...], k, bits: int) -> jax.Array:
+def keep_mask(key: jax.Array, shape: tuple[int, ...], k, bits: int,
+              seeded: bool = False) -> jax.Array:
     """Boolean mask, True with probability exactly ``k / 2**bits``."""
-    u = uniform_bits(key, shape, bits)
+    u = uniform_bits(key, shape, bits, seeded)
     if isinstance(k, int):
         if k >= 2**bits:
             return jnp.ones(shape, bool)
