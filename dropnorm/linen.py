@@ -147,6 +147,8 @@ class _BatchNormShell(nn.BatchNorm):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average)
         train = _train_from(use_running_average, caller, "use_running_average")
+        if _checks.is_key(x):  # a swapped argument: the core's message, before Flax's dtype rules
+            _checks.check_floating(x, caller.fn)
         x = jnp.asarray(x)
         feature_axes = _checks.normalize_axes(self.axis, x.ndim, caller.fn)
         feature_shape = [x.shape[a] for a in feature_axes]
@@ -166,7 +168,7 @@ class _BatchNormShell(nn.BatchNorm):
         bias = (self.param("bias", self.bias_init, feature_shape, self.param_dtype)
                 if self.use_bias else None)
         out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
-        if not jnp.issubdtype(x.dtype, jnp.inexact) and not _checks.is_key(x):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
             # Flax takes integer input (e.g. uint8 pixels): statistics in >= float32.
             x = x.astype(jnp.promote_types(out_dtype, jnp.float32))
         state = BatchNormState(

@@ -231,6 +231,8 @@ class _BatchNormShell(nnx.BatchNorm):
             error_msg=(f"{fn}: no `use_running_average` was given. Pass it to the constructor "
                        "or the call, or use model.train() / model.eval() / nnx.view."))
         train = _train_from(use_running_average, caller, "use_running_average")
+        if _checks.is_key(x):  # a swapped argument: the core's message, before Flax's dtype rules
+            _checks.check_floating(x, caller.fn)
         x = jnp.asarray(x)
         axes = _checks.normalize_axes(self.axis, x.ndim, fn)
         n = tuple(x.shape[a] for a in axes)

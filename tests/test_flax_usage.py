@@ -398,6 +398,10 @@ _BAD_CALLS = [
     ("linen renorm", lambda: dnn.BatchRenorm(r_max=0.5).init(
         jax.random.key(0), _data(), use_running_average=False), ValueError,
      "linen.BatchRenorm", ["`r_max`"]),
+    ("linen key as x", lambda: _linen_bn()(x=jax.random.split(jax.random.key(0), (8, 3))),
+     TypeError, "linen.BatchNorm", ["`x` is a PRNG key"]),
+    ("nnx key as x", lambda: _nnx_bn()(x=jax.random.split(jax.random.key(0), (8, 3))),
+     TypeError, "nnx.BatchNorm", ["`x` is a PRNG key"]),
     ("nnx momentum", lambda: _nnx_bn(momentum=-0.1)(), ValueError, "nnx.BatchNorm",
      ["`momentum`"]),
     ("nnx features", lambda: _nnx_bn()(x=_data((8, 4))), ValueError, "nnx.BatchNorm",
