@@ -1,6 +1,6 @@
 """Train one network on MNIST-1D (or scikit-learn's digits) with dropnorm's Flax modules.
 
-    python examples/mnist1d.py --model cnn --out runs/cnn          # 0.963 test accuracy (seed 0)
+    python examples/mnist1d.py --model cnn --out runs/cnn          # 0.971 test accuracy (seed 0)
     python examples/mnist1d.py --model mlp --dropout 0.3 --no-batch-norm
     python examples/mnist1d.py --out runs/cnn --stop-at 1500       # as if interrupted
     python examples/mnist1d.py --out runs/cnn --resume             # same end state as above
