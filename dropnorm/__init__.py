@@ -7,6 +7,7 @@ from dropnorm._batch_norm import batch_norm_init as batch_norm_init
 from dropnorm._batch_norm import batch_renorm as batch_renorm
 from dropnorm._batch_norm import fold_batch_norm as fold_batch_norm
 from dropnorm._dropout import alpha_dropout as alpha_dropout
+from dropnorm._dropout import drop_block as drop_block
 from dropnorm._dropout import drop_path as drop_path
 from dropnorm._dropout import dropout as dropout
 from dropnorm._dropout import gaussian_dropout as gaussian_dropout
@@ -20,6 +21,7 @@ __all__ = [
     "batch_norm",
     "batch_norm_init",
     "batch_renorm",
+    "drop_block",
     "drop_path",
     "dropout",
     "fold_batch_norm",

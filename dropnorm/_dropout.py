@@ -27,11 +27,40 @@ _ALPHA_PRIME = -_SELU_SCALE * _SELU_ALPHA
 
 
 class _Static(NamedTuple):
-    kind: str  # "dropout" | "alpha" | "gaussian"
+    kind: str  # "dropout" | "alpha" | "gaussian" | "block"
     mask_shape: tuple[int, ...]
     bits: int
     rate: float | None  # the rate when it is a Python number, else None (traced)
     seeded: bool  # the key argument is the hash's seed (_masks.seed_words), not a key
+    block: tuple[int, ...] | None = None  # DropBlock: the block's extent along each axis
+
+
+def _block_keep(r, static: _Static):
+    """DropBlock's seed threshold ``k`` and the keep probability ``p`` of an interior element.
+
+    An element away from the borders is dropped when any of the ``B = prod(block)`` seeds
+    whose block covers it is dropped; seeds are kept with probability ``q``, so the element
+    is kept with probability ``q**B``. ``q = (1 - rate)**(1 / B)``, quantised to
+    ``k / 2**bits``, makes that ``rate`` (to the mask resolution); ``p = (k / 2**bits)**B``
+    exactly, and survivors are scaled by ``1 / p``.
+    """
+    n = math.prod(static.block)
+    if isinstance(r, float):
+        q = (1.0 - r) ** (1.0 / n) if r < 1.0 else 0.0
+        k = int(round(q * 2**static.bits))
+        return k, (k / 2**static.bits) ** n
+    q = jnp.where(r < 1.0, jnp.power(jnp.maximum(1.0 - r, 0.0), 1.0 / n), 0.0)
+    k = jnp.round(q * jnp.float32(2**static.bits))
+    # exp(n log q), not q ** n: XLA CPU rewrites (k / 2**bits) ** n as k ** n / 2**(bits n),
+    # which overflows float32 to inf / inf = NaN (jax 0.10.2); log(0) = -inf gives p = 0.
+    return k, jnp.exp(n * jnp.log(k / jnp.float32(2**static.bits)))
+
+
+def _blocks(dropped_seeds, block):
+    """Every element within a block of a dropped seed: a max over ``block`` windows."""
+    pad = [((b - 1) // 2, b // 2) for b in block]
+    return lax.reduce_window(dropped_seeds, False, lax.bitwise_or, block, (1,) * len(block),
+                             pad)
 
 
 def _noise(key, rate, static: _Static, dtype=jnp.float32):
@@ -49,6 +78,15 @@ def _noise(key, rate, static: _Static, dtype=jnp.float32):
             return 1.0 + math.sqrt(r / (1.0 - r)) * z, None
         sigma = jnp.sqrt(r / jnp.maximum(1.0 - r, 1e-30))
         return jnp.where(r < 1.0, 1.0 + sigma * z, 0.0), None
+    if static.kind == "block":
+        k, p = _block_keep(r, static)
+        seeds = _masks.keep_mask(key, static.mask_shape, k, static.bits, static.seeded)
+        dropped = _blocks(jnp.logical_not(seeds), static.block)
+        if isinstance(p, float):
+            inv = jnp.asarray(1.0 / p if p > 0 else 0.0, dtype)
+        else:
+            inv = jnp.where(p > 0, 1.0 / jnp.maximum(p, 1e-30), 0.0).astype(dtype)
+        return jnp.where(dropped, jnp.zeros((), dtype), inv), None
     k = _masks.keep_threshold(r, static.bits)
     keep = _masks.keep_mask(key, static.mask_shape, k, static.bits, static.seeded)
     if static.kind == "dropout":
@@ -97,7 +135,8 @@ def _noisy_jvp(static, primals, tangents):
     return y, tangent
 
 
-_KINDS = {"dropout": "dropout", "alpha": "alpha", "gaussian": "gaussian", "drop_path": "dropout"}
+_KINDS = {"dropout": "dropout", "alpha": "alpha", "gaussian": "gaussian", "drop_path": "dropout",
+          "block": "block"}
 
 
 def _check_not_swapped(caller: _checks.Caller, key, x):
@@ -116,7 +155,7 @@ def _check_not_swapped(caller: _checks.Caller, key, x):
 
 
 def random_map_as(caller, kind, key, x, rate, train, *, broadcast_dims=(),
-                  mask_bits: int = _masks.DEFAULT_BITS):
+                  mask_bits: int = _masks.DEFAULT_BITS, block=None):
     """The family's validation and static / traced dispatch, errors in ``caller``'s terms.
 
     ``kind`` is "dropout", "alpha", "gaussian" or "drop_path" (dropout with every axis but
@@ -145,7 +184,7 @@ def random_map_as(caller, kind, key, x, rate, train, *, broadcast_dims=(),
     seeded = _KINDS[kind] != "gaussian" and _masks.uses_hash(_masks.n_words(mask_shape,
                                                                             mask_bits))
     static = _Static(_KINDS[kind], mask_shape, mask_bits,
-                     rate if isinstance(rate, float) else None, seeded)
+                     rate if isinstance(rate, float) else None, seeded, block)
     dyn_rate = jnp.float32(0.0) if isinstance(rate, float) else rate
     rng = _masks.seed_words(key) if seeded else key
 
@@ -335,3 +374,112 @@ def drop_path(key, x, rate, train, *, mask_bits: int = _masks.DEFAULT_BITS) -> j
       Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016.
     """
     return random_map_as("drop_path", "drop_path", key, x, rate, train, mask_bits=mask_bits)
+
+
+def _check_drop_block_args(fn, x, block_size, spatial_axes, channel_axis):
+    """The block's extent along every axis of x, and the axes that share the mask."""
+    spatial = _checks.normalize_axes(spatial_axes, x.ndim, fn, "spatial_axes")
+    if not spatial:
+        raise ValueError(f"{fn}: `spatial_axes` must name at least one axis; got "
+                         f"{spatial_axes!r}.")
+    channel = None
+    if channel_axis is not None:
+        (channel,) = _checks.normalize_axes(channel_axis, x.ndim, fn, "channel_axis")
+        if channel in spatial:
+            raise ValueError(f"{fn}: `channel_axis`={channel_axis!r} is also one of "
+                             f"`spatial_axes`={spatial_axes!r}; they must differ.")
+    sizes = (block_size,) * len(spatial) if isinstance(block_size, (int, np.integer)) else (
+        block_size)
+    if (isinstance(block_size, bool) or not isinstance(sizes, (tuple, list))
+            or len(sizes) != len(spatial)
+            or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1
+                   for b in sizes)):
+        raise ValueError(
+            f"{fn}: `block_size` must be a positive int, or a tuple of {len(spatial)} positive "
+            f"ints (one per spatial axis); got {block_size!r}.")
+    for a, b in zip(spatial, sizes, strict=True):
+        if b > x.shape[a]:
+            raise ValueError(
+                f"{fn}: `block_size`={block_size!r} is larger than the feature map: axis {a} "
+                f"has size {x.shape[a]} (x.shape={tuple(x.shape)}). Use a block of at most "
+                f"{x.shape[a]}, or check `spatial_axes`={spatial_axes!r}.")
+    block = [1] * x.ndim
+    for a, b in zip(spatial, sizes, strict=True):
+        block[a] = int(b)
+    return tuple(block), channel
+
+
+def drop_block(key, x, rate, train, *, block_size, spatial_axes=(1, 2), channel_axis=-1,
+               share_channels: bool = False, mask_bits: int = _masks.DEFAULT_BITS) -> jax.Array:
+    """DropBlock: drop contiguous ``block_size x block_size`` regions of feature maps.
+
+    Seeds are drawn at every position of every feature map (each example and, unless
+    ``share_channels``, each channel on its own) and each dropped seed drops the block
+    centred on it (clipped at the borders). An element away from the borders is dropped
+    when any of the ``B = block_size**2`` seeds whose blocks cover it is, so seeds are
+    dropped with probability ``gamma = 1 - (1 - rate)**(1 / B)``: then exactly a fraction
+    ``rate`` of the interior is dropped (to the mask resolution, as :func:`dropout`), and
+    survivors are scaled by ``1 / (1 - rate)`` so that ``E[y] = x`` there. (The paper and
+    timm's ``DropBlock2d`` take ``gamma ~ rate / B`` times an area ratio, an approximation
+    that ignores overlapping blocks, and rescale by the kept fraction of the batch; near the
+    borders fewer seeds cover an element, so fewer are dropped there.)
+
+    The mask comes from the key and is regenerated in the backward pass (nothing per
+    element is kept), rates and ``train`` may be traced, and rate 1 gives zeros with zero
+    gradients, as for the rest of the family.
+
+    Args:
+      key: a PRNG key; may be None when ``train`` is False.
+      x: floating array, e.g. NHWC feature maps.
+      rate: the fraction of the (interior) feature map to drop, in [0, 1]; may be traced.
+      train: True to drop, False to return ``x``; may be traced.
+      block_size: the block's size: an int (the same along every spatial axis) or a
+        tuple, one per spatial axis. At most the feature map's size.
+      spatial_axes: the axes of the feature map (default ``(1, 2)``, NHWC; ``(2, 3)``
+        for NCHW).
+      channel_axis: the channel axis (default -1; 1 for NCHW), or None.
+      share_channels: one mask for every channel of an example (the paper's variant
+        that drops whole blocks across channels) instead of one per channel.
+      mask_bits: 8, 16 or 32: the resolution of the seeds' keep probability.
+
+    Returns:
+      The array after DropBlock, same shape and dtype.
+
+    Raises:
+      ValueError: a ``block_size`` larger than the feature map or not positive, bad or
+        overlapping ``spatial_axes`` / ``channel_axis``, a concrete rate outside [0, 1].
+      TypeError: a missing or malformed key while training, a non-boolean ``train``, a
+        non-floating ``x``, or ``key`` and ``x`` swapped.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, dropnorm
+      >>> x = jnp.ones((8, 32, 32, 4))
+      >>> y = dropnorm.drop_block(jax.random.key(0), x, 0.2, True, block_size=5)
+      >>> sorted(set(jnp.round(y, 3).ravel().tolist()))  # survivors scaled by 1 / (1 - rate)
+      [0.0, 1.25]
+      >>> bool(abs(float((y[:, 8:24, 8:24] == 0).mean()) - 0.2) < 0.03)
+      True
+
+    References:
+      Ghiasi, Lin & Le, "DropBlock: A regularization method for convolutional networks",
+      NeurIPS 2018.
+    """
+    return drop_block_as("drop_block", key, x, rate, train, block_size=block_size,
+                         spatial_axes=spatial_axes, channel_axis=channel_axis,
+                         share_channels=share_channels, mask_bits=mask_bits)
+
+
+def drop_block_as(caller, key, x, rate, train, *, block_size, spatial_axes=(1, 2),
+                  channel_axis=-1, share_channels: bool = False,
+                  mask_bits: int = _masks.DEFAULT_BITS) -> jax.Array:
+    """:func:`drop_block` with errors in ``caller``'s terms (the Flax modules call this)."""
+    caller = _checks.as_caller(caller)
+    _check_not_swapped(caller, key, x)
+    x = _checks.check_floating(x, caller.fn, caller.x_name)
+    block, channel = _check_drop_block_args(caller.fn, x, block_size, spatial_axes,
+                                            channel_axis)
+    if share_channels and channel is None:
+        raise ValueError(f"{caller.fn}: `share_channels`=True needs a `channel_axis`.")
+    bdims = (channel,) if share_channels else ()
+    return random_map_as(caller, "block", key, x, rate, train, broadcast_dims=bdims,
+                         mask_bits=mask_bits, block=block)
