@@ -797,7 +797,8 @@ def scale_markdown(scale: dict) -> list[str]:
            f"| transform | variant | pass | dropnorm collectives ({per}) "
            f"| dropnorm bytes ({per}) | flax collectives ({per}) | flax bytes ({per}) "
            f"| dropnorm / flax bytes ({ns[-1]} devices) "
-           f"| dropnorm trace+compile s ({per}) | flax trace+compile s ({per}) |",
+           f"| dropnorm trace+compile {'CPU ' if cpu else ''}s ({per}) "
+           f"| flax trace+compile {'CPU ' if cpu else ''}s ({per}) |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     keys = sorted({k[1:4] for k in cells}, key=lambda k: (
         ("shard_map", "pmap", "vmap").index(k[0]),
