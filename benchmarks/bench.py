@@ -350,7 +350,9 @@ def _compiled(lower: Callable) -> tuple[object, dict[str, float]]:
     """``lower()`` then compile: the compiled function and the seconds each took.
 
     ``lower_s``, ``compile_s``: wall-clock; ``lower_cpu_s``, ``compile_cpu_s``: CPU time of
-    this process (every thread), which other processes sharing the CPU inflate much less.
+    this process (every thread: XLA compiles on several). On a loaded CPU the CPU time
+    moved about as much as the wall-clock (BENCHMARKS.md), so neither replaces a quiet
+    machine.
     """
     t0, c0 = time.perf_counter(), time.process_time()
     lowered = lower()
@@ -834,9 +836,9 @@ def scale_markdown(scale: dict) -> list[str]:
         out += [f"### scale: trace+compile of a training step (s, median of {m['reps']} rounds)",
                 "", "Each round clears JAX's caches and traces, lowers and compiles a fresh "
                 "`jit`/`pmap`, dropnorm and Flax interleaved. Wall: wall-clock seconds "
-                "(trace+lower + compile); CPU: this process's CPU seconds, all threads, which "
-                "other processes on a shared CPU inflate much less. Ratios are of the medians "
-                "of the totals.", "",
+                "(trace+lower + compile); CPU: this process's CPU seconds, all threads (XLA "
+                "compiles on several). Ratios are of the medians of the totals. Both clocks "
+                "are wall-clock-like on a shared CPU: noisy.", "",
                 "| step | dropnorm wall | flax wall | wall ratio | dropnorm CPU | flax CPU "
                 "| CPU ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
         names = {"resnet_pmap": f"ResNet (15 BatchNorm, `axis_name`), `pmap` on "
