@@ -120,19 +120,26 @@ def _apply(x, key, rate, static: _Static, with_offset: bool):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _noisy(x, key, rate, static):
-    return _apply(x, key, rate, static, True)
+    return _cached_apply(x, key, rate, static, True)
 
 
 @_noisy.defjvp
 def _noisy_jvp(static, primals, tangents):
     x, key, rate = primals
-    y = _noisy(x, key, rate, static)
+    y = _cached_apply(x, key, rate, static, True)
     # The tangent is linear in t; under jax.checkpoint reverse mode saves (seed, rate) and
     # regenerates the multiplier, instead of keeping a mask alive until the backward pass.
     # Measured on CPU (BENCHMARKS.md), this is also the fastest of the three policies:
     # regenerating beat keeping a bool mask and keeping a bit-packed mask.
-    tangent = jax.checkpoint(_apply, static_argnums=(3, 4))(tangents[0], key, rate, static, False)
+    tangent = _checkpointed_apply(tangents[0], key, rate, static, False)
     return y, tangent
+
+
+# One checkpoint wrapper for every call (made per call, it was traced anew each time); the
+# forward inside the rule is a jit, whose trace is cached too: a model's layers of one shape
+# trace the mask once (the 12-layer step's trace time: 12 hashes instead of 24).
+_checkpointed_apply = jax.checkpoint(_apply, static_argnums=(3, 4))
+_cached_apply = jax.jit(_apply, static_argnums=(3, 4))
 
 
 _KINDS = {"dropout": "dropout", "alpha": "alpha", "gaussian": "gaussian", "drop_path": "dropout",
