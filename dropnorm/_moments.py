@@ -23,7 +23,9 @@ raise ``NotImplementedError`` for it in JAX 0.10): each device writes its sums i
 its group's row of a ``(groups, ...)`` array and the same two ``psum``s run on that,
 so groups (of any sizes) cost O(groups x features), never O(devices x features), and
 work the same under ``shard_map``, ``pmap`` and ``vmap``. Ghost batches that span
-several devices are groups of consecutive devices.
+several devices are groups of consecutive devices; when they span a power of two of
+them, their sums take ``log2(span)`` pairwise exchanges (``ppermute``) of O(features)
+numbers instead, independent of the device count.
 
 References:
   Chan, Golub & LeVeque, "Updating Formulae and a Pairwise Algorithm for
@@ -152,13 +154,17 @@ class Reducer(NamedTuple):
 
     ``names`` None: local statistics. Otherwise sums run over the devices of ``names``;
     with ``ids`` (the group of each device, by linear index over ``names``) they run over
-    the device's group only, as one ``psum`` of a ``(n_groups, ...)`` array.
+    the device's group only, as one ``psum`` of a ``(n_groups, ...)`` array. Groups of
+    ``span`` consecutive devices (ghost batches that span devices), ``span`` a power of
+    two, are summed by recursive doubling instead: ``log2(span)`` exchanges of the
+    O(features) sums with a partner device (``ppermute``), whatever the device count.
     """
 
     names: tuple[Hashable, ...] | None = None
     ids: tuple[int, ...] | None = None
     n_groups: int = 1
     size: int = 1  # devices along names
+    span: int = 1  # groups are blocks of `span` consecutive devices (ghost batches)
 
     def total(self, v):
         """The sum of ``v`` (a pytree of arrays) over this device's group."""
@@ -166,6 +172,13 @@ class Reducer(NamedTuple):
             return v
         if self.ids is None:
             return lax.psum(v, self.names)
+        if self.span > 1 and self.span & (self.span - 1) == 0:
+            step = 1
+            while step < self.span:  # after round r, each holds its block of 2**r's sum
+                perm = [(i, i ^ step) for i in range(self.size)]
+                v = jax.tree.map(lambda a, p=perm: a + lax.ppermute(a, self.names, p), v)
+                step *= 2
+            return v
         mine = jnp.asarray(self.ids, jnp.int32)[lax.axis_index(self.names)]
         full = self.total_by_group(v, mine)
         return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, mine, 0, keepdims=False),
@@ -195,7 +208,7 @@ def reducer(axis_name, axis_index_groups, fn: str, span: int = 1) -> Reducer:
         ids = _group_ids(groups, size, fn)
         return Reducer(names, tuple(int(i) for i in ids), len(groups), size)
     if span > 1:
-        return Reducer(names, tuple(d // span for d in range(size)), size // span, size)
+        return Reducer(names, tuple(d // span for d in range(size)), size // span, size, span)
     return Reducer(names, None, 1, size)
 
 
@@ -283,10 +296,10 @@ def combine(local, red: Reducer, masked: bool, by_group: bool = False):
     if red.names is None:
         return count, mean_i, m2
     total = red.total_by_group if by_group else red.total
-    if masked or red.ids is not None:
+    if masked or (red.ids is not None and red.span == 1):  # data- or group-dependent counts
         n_total, weighted = _unstack(total(_stack_or_tuple([count, count * mean_i])), 2)
-    else:  # the count is the same static number on every device
-        n_total = count * red.size
+    else:  # the count is the same static number on every device (of every group)
+        n_total = count * (red.size if red.ids is None else red.span)
         weighted = total(count * mean_i)
     n_total = n_total.real if jnp.iscomplexobj(n_total) else n_total
     safe = jnp.maximum(n_total, 1.0)

@@ -42,9 +42,12 @@ CELLS = [
     ("shard_map", "groups=2", "fwd"), ("shard_map", "groups=4", "fwd"),
     ("pmap", "plain", "fwd"), ("pmap", "plain", "fwd+bwd"),
     ("vmap", "plain", "fwd+bwd"),
+    # Ghost batches spanning 2 devices (dropnorm only): the pair's sums by one exchange with
+    # the partner device, then one psum for the running statistics; the same at 8 and 64.
+    ("shard_map", "ghost=2 devices", "fwd"),
 ]
 FORWARD = [c for c in CELLS
-           if c[0] != "vmap" and c[2] == "fwd" and not c[1].startswith("groups")]
+           if c[0] != "vmap" and c[2] == "fwd" and not c[1].startswith(("groups", "ghost"))]
 
 
 def _probe(n: int) -> list[dict]:
