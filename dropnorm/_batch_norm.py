@@ -611,12 +611,13 @@ def batch_renorm(params, state, x, train, *, r_max=3.0, d_max=5.0, axis=-1, mome
     unclipped, it is normalisation by the running statistics. Running statistics
     and evaluation are exactly those of :func:`batch_norm`.
 
+    The other arguments are :func:`batch_norm`'s.
+
     Args:
       r_max: bound on ``r`` (>= 1). Ioffe starts at 1 and raises it to about 3.
       d_max: bound on ``|d|`` (>= 0). Ioffe starts at 0 and raises it to about 5.
         Both may be traced (a schedule inside one compiled step); a traced bound
         that is NaN or below its minimum makes the output NaN.
-      Everything else: as :func:`batch_norm`.
 
     Returns:
       ``(y, new_state)``.

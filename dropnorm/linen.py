@@ -280,10 +280,11 @@ class BatchRenorm(_BatchNormShell):
     ``d_max``; see :func:`dropnorm.batch_renorm` for the formula.
     ``r_max=1, d_max=0`` is plain batch normalisation.
 
+    The other fields are :class:`BatchNorm`'s (no ``virtual_batch_size``).
+
     Attributes:
       r_max: bound on the scale correction ``r`` (>= 1).
       d_max: bound on the shift correction ``|d|`` (>= 0).
-      Everything else: as :class:`BatchNorm` (no ``virtual_batch_size``).
 
     Examples:
       >>> import jax, jax.numpy as jnp

@@ -306,7 +306,8 @@ class BatchNorm(_BatchNormShell):
         ``axis``.
       virtual_batch_size: ghost batch normalisation (dropnorm extra):
         statistics per chunk of this many examples along axis 0.
-      Everything else: as ``flax.nnx.BatchNorm``.
+
+    The other arguments are ``flax.nnx.BatchNorm``'s.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -373,10 +374,11 @@ class BatchRenorm(_BatchNormShell):
     ``nnx.BatchNorm`` state loads into it. ``r_max=1, d_max=0`` is plain batch
     normalisation.
 
+    The other arguments are :class:`BatchNorm`'s.
+
     Args:
       r_max: bound on the scale correction ``r`` (>= 1).
       d_max: bound on the shift correction ``|d|`` (>= 0).
-      Everything else: as :class:`BatchNorm`.
 
     Examples:
       >>> import jax.numpy as jnp
