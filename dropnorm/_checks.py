@@ -95,6 +95,20 @@ def check_train(train: Any, fn: str, name: str = "train") -> bool | jax.Array:
     )
 
 
+def train_from_off_flag(flag: Any, caller: Caller, name: str) -> bool | jax.Array:
+    """``not flag`` for a module's ``use_running_average`` or ``deterministic`` (traced flags
+    stay traced). True switches training off, the reverse of the pure functions' ``train``,
+    so a bad flag gets the module's own hint."""
+    try:
+        flag = check_train(flag, caller.fn, name)
+    except TypeError:
+        raise TypeError(
+            f"{caller.fn}: `{name}` must be a Python bool or a boolean scalar array (which may "
+            f"be traced); got {flag!r}. Pass {caller.train_off.split(' ')[0]} for evaluation, "
+            f"{name}=False for training.") from None
+    return (not flag) if isinstance(flag, bool) else jnp.logical_not(flag)
+
+
 @functools.cache
 def _raw_key_shape(impl_name: str) -> tuple[int, ...]:
     """Shape of a legacy raw key (``jax.random.PRNGKey``) of the default implementation."""

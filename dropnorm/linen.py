@@ -78,19 +78,7 @@ def _name(module) -> str:
     return f"dropnorm.linen.{type(module).__name__}"  # pragma: no cover
 
 
-def _train_from(flag: Any, caller: Caller, name: str) -> bool | jax.Array:
-    """``not flag`` for a Python/NumPy/JAX boolean flag (traced flags stay traced).
-
-    ``flag`` is ``use_running_average`` or ``deterministic``: True switches training off,
-    the reverse of the pure functions' ``train``, so the hint is the module's own."""
-    try:
-        flag = _checks.check_train(flag, caller.fn, name)
-    except TypeError:
-        raise TypeError(
-            f"{caller.fn}: `{name}` must be a Python bool or a boolean scalar array (which may "
-            f"be traced); got {flag!r}. Pass {caller.train_off.split(' ')[0]} for evaluation, "
-            f"{name}=False for training.") from None
-    return (not flag) if isinstance(flag, bool) else jnp.logical_not(flag)
+_train_from = _checks.train_from_off_flag  # one check for both shells (dropnorm._checks)
 
 
 def _check_not_swapped(caller: Caller, inputs: Any, rng: Any, name: str) -> None:
