@@ -20,7 +20,7 @@ hold no arithmetic: they create and store variables and call the pure functions
 :func:`dropnorm.batch_norm`, :func:`dropnorm.dropout` and their family, which is
 where every difference from Flax comes from:
 
-* the variance is always the accurate two-pass one (``use_fast_variance`` is
+* the variance is always the accurate shifted one (``use_fast_variance`` is
   accepted and ignored), so results differ from Flax's default by rounding, and
   stay right when ``|mean| >> std`` where Flax's lose all precision;
 * ``rate`` and ``deterministic`` / ``use_running_average`` may be traced;
@@ -198,7 +198,7 @@ class BatchNorm(_BatchNormShell):
     arithmetic is :func:`dropnorm.batch_norm`'s.
 
     Differences from Flax (improvements): the variance is always the accurate
-    two-pass one (``use_fast_variance`` is accepted for compatibility and
+    shifted one (``use_fast_variance`` is accepted for compatibility and
     ignored); statistics are always computed in at least float32 (with
     ``force_float32_reductions=False`` the stored statistics still get
     ``param_dtype``, as Flax's do); ``use_running_average`` may be a traced
@@ -220,7 +220,7 @@ class BatchNorm(_BatchNormShell):
       bias_init, scale_init: their initialisers.
       axis_name, axis_index_groups: cross-device statistics (``pmap``,
         ``shard_map``); not used while initialising.
-      use_fast_variance: accepted and ignored (always the two-pass variance).
+      use_fast_variance: accepted and ignored (always the accurate shifted variance).
       force_float32_reductions: Flax's field; statistics are always >= float32.
       virtual_batch_size: ghost batch normalisation (dropnorm extra): statistics
         per chunk of this many examples along axis 0. While initialising, a

@@ -28,7 +28,7 @@ arithmetic: they store variables and call the pure functions
 (:func:`dropnorm.batch_norm`, :func:`dropnorm.dropout`, ...), which is where
 every difference from Flax comes from:
 
-* the variance is always the accurate two-pass one (``use_fast_variance`` is
+* the variance is always the accurate shifted one (``use_fast_variance`` is
   accepted and ignored), and normalisation is computed in at least float32
   before casting to ``dtype`` (Flax computes in ``dtype``, e.g. bfloat16, and
   casts the running statistics to it);
@@ -278,7 +278,7 @@ class BatchNorm(_BatchNormShell):
     as Flax does (to ``bias``). The arithmetic is :func:`dropnorm.batch_norm`'s.
 
     Differences from Flax (improvements): the variance is always the accurate
-    two-pass one (``use_fast_variance`` is ignored); with ``dtype`` set (e.g.
+    shifted one (``use_fast_variance`` is ignored); with ``dtype`` set (e.g.
     bfloat16), inputs and parameters are cast to it as in Flax but the
     normalisation is computed in float32 with float32 running statistics, then
     cast (Flax computes in ``dtype``); ``use_running_average`` may be traced; a

@@ -8,7 +8,7 @@ raises. Where Flax's behaviour is itself a defect (NaN statistics for a fully ma
 a running mean that loses the imaginary part of a complex mean) the test says so, checks
 Flax's defect as it is, and checks ours against a float64 NumPy oracle instead.
 
-Tolerances. dropnorm's variance is the two-pass one and Flax's default is
+Tolerances. dropnorm's variance is the shifted one and Flax's default is
 ``E[x^2] - E[x]^2``; for inputs with |mean| ~ std ~ 1 both are accurate to a few float32 ulps
 and outputs of size <~ 5 agree to ~1e-6, so float32 comparisons use rtol = atol = 1e-5 (the
 parity tests' value: a wrong epsilon or momentum moves results by > 1e-4). Dropout masks

@@ -1,6 +1,6 @@
 """Parity of dropnorm.linen with flax.linen: variables, outputs, statistics, RNG use, training.
 
-Tolerances. dropnorm's variance is the two-pass one, Flax's default is
+Tolerances. dropnorm's variance is the shifted one, Flax's default is
 ``E[x^2] - E[x]^2``; on inputs with |mean| ~ std ~ 1 both are accurate to a few
 float32 ulps, and the normalised outputs (|y| <~ 5) agree to ~1e-6, so float32
 comparisons use rtol = atol = 1e-5 (about 100 ulps at 1, far below any real

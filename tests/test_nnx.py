@@ -1,6 +1,6 @@
 """Parity of dropnorm.nnx with flax.nnx: state, outputs, statistics, RNG streams, transforms.
 
-Tolerances. dropnorm's variance is the two-pass one, Flax's default is
+Tolerances. dropnorm's variance is the shifted one, Flax's default is
 ``E[x^2] - E[x]^2``; on inputs with |mean| ~ std ~ 1 both are accurate to a few
 float32 ulps and the outputs (|y| <~ 5) agree to ~1e-6, so float32 comparisons
 use rtol = atol = 1e-5. With ``dtype=bfloat16`` Flax computes the evaluation
