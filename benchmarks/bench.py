@@ -3,8 +3,9 @@
 Run from the repository root::
 
     python benchmarks/bench.py            # the full grid (several minutes on 2 CPU cores)
-    python benchmarks/bench.py --quick    # small shapes and few repeats (under a minute)
+    python benchmarks/bench.py --quick    # small shapes, few repeats, tiny steps table (minutes)
     python benchmarks/bench.py --scale    # only the scale table (about 5 minutes)
+    python benchmarks/bench.py --steps    # only the steps table (about 4 minutes)
     python benchmarks/bench.py --json out.json
     python benchmarks/bench.py --markdown out.json   # the tables of BENCHMARKS.md
 
@@ -17,11 +18,26 @@ What is timed (one jitted function per cell, inputs already on the device):
   This is the per-layer cost inside a training step.
 * ``loss``: ``jax.value_and_grad`` of ``sum(y**2)`` (in float32), the measure the issue
   used; it adds a reduction of ``y`` to a scalar.
+* ``eval`` (batch norm only: dropout's eval mode returns ``x``): the forward pass with the
+  running statistics (``batch_norm(..., train=False)``, ``use_running_average=True``),
+  which are arguments of the jitted function (mean about 0.5, variance 0.25 to 4, so
+  nothing folds to the identity). Its floor is 2 passes (read x, write y).
 
 Contenders run interleaved (one call of each per round) and every time is the median
 over rounds; the ratio to Flax (``linen/this``, ``nnx/this``, and the ratio columns of the
 tables) is the median of the per-round ratios, not the quotient of the two median times:
-it cancels drift that hits both contenders of a round. The quotient of the medians is
+it cancels drift that hits both contenders of a round. Its ``spread`` is the width of a
+distribution-free 95% interval for that median over the median: the rounds' ratios, sorted,
+from the k-th smallest to the k-th largest, with k the largest for which the pair brackets
+the true median with probability ``1 - 2 P(Binomial(n, 1/2) < k) >= 95%`` (with 7 rounds:
+min to max, 98.4%; 21 rounds: the 6th to the 16th, 97.3%; under 6 rounds no pair reaches
+95% and min to max is used). It is about how far two runs with this run's round-to-round
+noise can read apart; it does not cover a change of load between runs (``uptime``, recorded,
+does). A spread below 10%: the 95% interval of the cell's ratio is narrower than a tenth
+of the ratio. Full runs
+give a cell whose spread (to flax.linen or flax.nnx) is above ``--target-spread`` (10%)
+``--repeats`` more rounds, up to ``--max-repeats`` (5 x ``--repeats``); ``rounds`` says how
+many it got. The quotient of the medians is
 printed beside it ("of medians", and a column of the batch-norm and dropout tables);
 with few rounds (``--quick``: 3) on a busy CPU the two can differ widely, and a cell
 where they disagree is not reliable. The run prints this at its top.
@@ -38,6 +54,19 @@ bytes per device (exact, whatever the load), dropnorm against ``flax.linen.Batch
 It also times trace+compile (medians of fresh compiles, caches cleared) of that layer, of a
 small ResNet ``pmap`` train step in the layout of Flax's ImageNet example (15 BatchNorm
 layers with ``axis_name``, 8 devices), and of the 12-layer step below.
+
+The steps table (full runs, ``--steps`` alone, and a tiny one in ``--quick``): one jitted
+training step with the optax update, on one device, of three models built from flax.linen
+modules, once with Flax's BatchNorm / Dropout and once with dropnorm's (same variables, same
+arguments): the 12-layer bf16 MLP below (SGD with momentum), a small ResNet (3 stages of 2
+blocks, 15 BatchNorm, batch 16 of 32x32x3, width 8, SGD with momentum) and 2 pre-LN
+Transformer blocks in the layout of Flax's WMT example (residual dropout, dropout in the MLP
+and attention dropout with ``broadcast_dropout=False``; Flax's
+``MultiHeadDotProductAttention`` with ``dropout_rate`` against the same module with
+dropnorm's attention_fn; AdamW). Step time: ratio Flax / dropnorm, 21 rounds or more, with
+its spread; trace+compile time (:func:`time_trace_compile`): dropnorm / Flax, trace+lower
+and compile reported apart. The issue's targets are printed beside them (MLP >= 1.1x,
+ResNet >= 1.0x, Transformer >= 1.15x; trace+compile <= 1.15x).
 
 Full runs also time dropnorm's dropout with the two other backward-pass memory policies
 (keeping a bit-packed or a bool mask instead of regenerating it from the key) and with
@@ -83,7 +112,8 @@ QUICK_SHAPES = [(32, 28, 28, 64), (20000, 32)]
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 MAIN = ("dropnorm", "flax.linen", "flax.nnx")
 FLOOR_PASSES = {("dropout", "fwd"): 2, ("dropout", "vjp"): 4,
-                ("batch_norm", "fwd"): 3, ("batch_norm", "vjp"): 8}
+                ("batch_norm", "fwd"): 3, ("batch_norm", "vjp"): 8, ("batch_norm", "eval"): 2}
+MODES = ("fwd", "vjp", "loss", "eval")  # eval: batch norm only (dropout's eval is x itself)
 
 
 # --- the layers, each as f(x, scale, bias) -> y with scale/bias ignored by dropout ----------
@@ -195,7 +225,45 @@ def _batch_norm_layers(features: int, dtype) -> dict[str, Callable]:
     def flax_nnx(x, scale, bias, key):
         m = nnx.BatchNorm(features, use_running_average=False, momentum=0.99, epsilon=1e-5,
                           dtype=dtype, rngs=nnx.Rngs(0))
-        m.scale.value, m.bias.value = scale, bias
+        m.scale.set_value(scale)  # (the ``.value`` setter is deprecated in flax 0.12)
+        m.bias.set_value(bias)
+        return m(x)
+
+    return {"dropnorm": ours, "flax.linen": flax_linen, "flax.nnx": flax_nnx}
+
+
+def eval_stats(features: int) -> tuple[jax.Array, jax.Array]:
+    """Running statistics for the eval cells: ``(mean, var)``, float32, away from (0, 1)."""
+    r = np.random.default_rng(5)
+    return (jnp.asarray(r.normal(0.5, 1.0, features), jnp.float32),
+            jnp.asarray(r.uniform(0.25, 4.0, features), jnp.float32))
+
+
+def _batch_norm_eval_layers(features: int, dtype) -> dict[str, Callable]:
+    """Batch norm in eval mode (running statistics), each as ``f(x, scale, bias, stats)``.
+
+    ``stats = (mean, var)`` are arguments of the jitted function, as in an eval step (closed
+    over, XLA could fold ``rsqrt(var + eps)`` into the executable). dropnorm's contender is
+    the pure function, as in the train cells: ``dropnorm.linen.BatchNorm`` in eval mode
+    compiles to the same optimised HLO (checked for f32 and bf16 at jax 0.10.2).
+    """
+    linen = nn.BatchNorm(use_running_average=True, momentum=0.99, epsilon=1e-5, dtype=dtype)
+
+    def ours(x, scale, bias, stats):
+        state = dropnorm.BatchNormState(*stats, jnp.zeros((), jnp.int32))
+        return dropnorm.batch_norm(dropnorm.BatchNormParams(scale, bias), state, x, False)[0]
+
+    def flax_linen(x, scale, bias, stats):
+        return linen.apply({"params": {"scale": scale, "bias": bias},
+                            "batch_stats": {"mean": stats[0], "var": stats[1]}}, x)
+
+    def flax_nnx(x, scale, bias, stats):
+        m = nnx.BatchNorm(features, use_running_average=True, momentum=0.99, epsilon=1e-5,
+                          dtype=dtype, rngs=nnx.Rngs(0))
+        m.scale.set_value(scale)
+        m.bias.set_value(bias)
+        m.mean.set_value(stats[0])
+        m.var.set_value(stats[1])
         return m(x)
 
     return {"dropnorm": ours, "flax.linen": flax_linen, "flax.nnx": flax_nnx}
@@ -232,20 +300,92 @@ def _block(out):
     jax.block_until_ready(out)
 
 
-def time_interleaved(fns: dict[str, Callable], args, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, ``repeats`` rounds, one call of each per round."""
+def time_interleaved(fns: dict[str, Callable], args, repeats: int,
+                     more: Callable[[dict[str, list[float]]], bool] | None = None,
+                     max_repeats: int | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``repeats`` rounds, one call of each per round.
+
+    ``more``: when given, after the rounds so far it is asked ``more(times)``; while it says
+    True, up to ``repeats`` further rounds run, ``max_repeats`` rounds in all (the spread
+    target: :func:`spread_above`).
+    """
     compiled = {}
     for name, f in fns.items():
         c = jax.jit(f).lower(*args).compile()
         _block(c(*args))  # warm up: allocations, thread pools
         compiled[name] = c
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, c in compiled.items():
-            t0 = time.perf_counter()
-            _block(c(*args))
-            times[name].append(time.perf_counter() - t0)
+
+    def rounds(k):
+        for _ in range(k):
+            for name, c in compiled.items():
+                t0 = time.perf_counter()
+                _block(c(*args))
+                times[name].append(time.perf_counter() - t0)
+
+    rounds(repeats)
+    done = repeats
+    while more is not None and max_repeats is not None and done < max_repeats and more(times):
+        rounds(min(repeats, max_repeats - done))
+        done = min(done + repeats, max_repeats)
     return times
+
+
+SPREAD_LEVEL = 0.95  # the coverage of the interval behind the spread statistic
+
+
+def median_interval(values, level: float = SPREAD_LEVEL) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of ``values``: ``(lo, hi, coverage)``.
+
+    Of n independent draws, sorted, the k-th smallest and the k-th largest bracket the true
+    median with probability ``1 - 2 P(B <= k - 1)``, ``B ~ Binomial(n, 1/2)``, whatever the
+    distribution of the draws; k is the largest for which that is at least ``level``. Below
+    6 draws no pair reaches 95%: the interval is then (min, max) and ``coverage`` says what
+    it is (75% for 3 rounds, 93.75% for 5; 98.4% for 7, where (min, max) is the interval).
+    """
+    v = sorted(values)
+    n = len(v)
+
+    def coverage(k):
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 1
+    while k < (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return v[k - 1], v[n - k], coverage(k)
+
+
+def ratio_stats(num: list[float], den: list[float]) -> dict:
+    """The median of the per-round ratios ``num[i] / den[i]``, and its spread.
+
+    ``spread`` is the width of :func:`median_interval` (``lo`` to ``hi``) over the median:
+    two runs whose rounds vary the way this one's did land within it of each other (each
+    run's median lies in the interval with probability ``coverage``). It measures the
+    round-to-round noise of one run, not a change of load between runs (``uptime`` records
+    that).
+    """
+    r = [a / b for a, b in zip(num, den, strict=True)]
+    med = statistics.median(r)
+    lo, hi, cov = median_interval(r)
+    return {"ratio": med, "lo": lo, "hi": hi, "coverage": cov,
+            "spread": (hi - lo) / med if len(r) > 1 else None, "rounds": len(r)}
+
+
+def spread_above(target: float | None, pairs) -> Callable[[dict], bool] | None:
+    """``more`` for :func:`time_interleaved`: True while the spread of a ratio of ``pairs``
+    (``(numerator name, denominator name)``) is above ``target`` (None: never)."""
+    if target is None:
+        return None
+    def more(t):
+        spreads = [ratio_stats(t[a], t[b])["spread"] for a, b in pairs]
+        return any(s is None or s > target for s in spreads)
+
+    return more
+
+
+def _pct(value) -> str:
+    """A spread as a percentage, ``-`` where there is none (a single round)."""
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def time_random_words(shapes, repeats: int) -> list[dict]:
@@ -519,11 +659,12 @@ class _ResNet(nn.Module):
     stages: tuple[int, ...] = (2, 2, 2)
     width: int = 16
     classes: int = 10
+    axis_name: str | None = "batch"  # None: one device, under jit (the steps table)
 
     @nn.compact
     def __call__(self, x, train: bool):
         norm = functools.partial(self.bn, use_running_average=not train, momentum=0.9,
-                                 epsilon=1e-5, axis_name="batch")
+                                 epsilon=1e-5, axis_name=self.axis_name)
         x = nn.relu(norm()(nn.Conv(self.width, (3, 3), use_bias=False)(x)))
         for i, blocks in enumerate(self.stages):
             for j in range(blocks):
@@ -564,22 +705,40 @@ def resnet_pmap_step(bn: type, devices: int, per_device: int = 8, size: int = 32
     return (lambda: jax.pmap(lambda *a: step(*a), axis_name="batch").lower(*args)), args
 
 
-def twelve_layer_step(bn, dropout, batch: int, width: int):
-    """The benchmark's 12-layer bf16 training step: ``(step, args)``, ``step`` not yet jitted."""
-    net = _Net(bn, dropout, width)
-    x = jnp.ones((batch, width), jnp.bfloat16)
+def twelve_layer_step(bn, dropout, batch: int, width: int, tx=None, depth: int = 12):
+    """The benchmark's 12-layer bf16 training step: ``(step, args)``, ``step`` not yet jitted.
+
+    Without ``tx`` the step returns the loss, the gradients and the new statistics (the
+    memory and trace+compile figures); with an optax ``tx`` it applies the update and
+    returns ``(params, batch_stats, opt_state, loss)`` (the steps table).
+    """
+    net = _Net(bn, dropout, width, depth)
+    x = (jnp.ones((batch, width), jnp.bfloat16) if tx is None else
+         jnp.asarray(np.random.default_rng(6).standard_normal((batch, width)), jnp.bfloat16))
     variables = net.init({"params": jax.random.key(0)}, x, False)
 
-    def step(params, stats, x, key):
-        def loss(p):
-            y, upd = net.apply({"params": p, "batch_stats": stats}, x, True,
-                               rngs={"dropout": key}, mutable=["batch_stats"])
-            return jnp.mean(jnp.square(y.astype(jnp.float32))), upd
+    def loss(p, stats, x, key):
+        y, upd = net.apply({"params": p, "batch_stats": stats}, x, True,
+                           rngs={"dropout": key}, mutable=["batch_stats"])
+        return jnp.mean(jnp.square(y.astype(jnp.float32))), upd
 
-        (value, upd), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    def step(params, stats, x, key):
+        (value, upd), grads = jax.value_and_grad(loss, has_aux=True)(params, stats, x, key)
         return value, grads, upd
 
-    return step, (variables["params"], variables["batch_stats"], x, jax.random.key(1))
+    if tx is None:
+        return step, (variables["params"], variables["batch_stats"], x, jax.random.key(1))
+
+    import optax
+
+    def train_step(params, stats, opt_state, x, key):
+        (value, upd), grads = jax.value_and_grad(loss, has_aux=True)(params, stats, x, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state, value
+
+    params = variables["params"]
+    return train_step, (params, variables["batch_stats"], tx.init(params), x,
+                        jax.random.key(1))
 
 
 def time_trace_compile(lowers: dict[str, Callable], reps: int) -> dict[str, dict]:
@@ -615,6 +774,230 @@ def scale_models(reps: int, devices: int = 8) -> dict:
     return {"devices": devices, "reps": reps,
             "resnet_pmap": time_trace_compile(resnet, reps),
             "twelve_layer": time_trace_compile(twelve, reps)}
+
+
+# --- steps: whole training steps, dropnorm's layers against Flax's in the same model -------
+#
+# Each model is built from flax.linen modules twice, once with Flax's BatchNorm / Dropout
+# (and attention dropout inside flax.linen.MultiHeadDotProductAttention) and once with
+# dropnorm's; the variables are the same tree, so both steps run on the same arguments.
+
+STEP_TARGETS = {"mlp": 1.1, "resnet": 1.0, "transformer": 1.15}  # Flax / dropnorm step time
+COMPILE_TARGET = 1.15  # dropnorm / Flax trace+compile time, every model (issue 14)
+
+
+def bench_attention(query, key, value, bias=None, mask=None, broadcast_dropout=True,
+                    dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
+                    precision=None, module=None, force_fp32_for_softmax=False):
+    """``flax.linen.dot_product_attention`` with dropnorm's dropout on the attention weights.
+
+    The weights are Flax's own (``dot_product_attention_weights`` with its dropout off), then
+    :func:`dropnorm.dropout` (one mask shared over the batch and head axes when
+    ``broadcast_dropout``, as Flax does), then the value einsum. Used until
+    ``dropnorm.dot_product_attention`` exists (:func:`dropnorm_attention_fn`).
+    """
+    w = nn.dot_product_attention_weights(
+        query, key, bias, mask, deterministic=True, dtype=dtype, precision=precision,
+        module=module, force_fp32_for_softmax=force_fp32_for_softmax)
+    if not deterministic and dropout_rate > 0.0:
+        dims = tuple(range(w.ndim - 2)) if broadcast_dropout else ()
+        w = dropnorm.dropout(dropout_rng, w, dropout_rate, True, broadcast_dims=dims)
+    return jnp.einsum("...hqk,...khd->...qhd", w, value.astype(w.dtype), precision=precision)
+
+
+def dropnorm_attention_fn() -> Callable:
+    """``dropnorm.dot_product_attention`` where the package has it, else :func:`bench_attention`."""
+    return getattr(dropnorm, "dot_product_attention", bench_attention)
+
+
+class _EncoderBlock(nn.Module):
+    """A pre-LN Transformer encoder block in the layout of Flax's WMT example
+    (``Encoder1DBlock``: attention dropout with ``broadcast_dropout=False``, dropout after the
+    attention, inside the MLP after the activation, and after the MLP)."""
+    dropout: type
+    attention_fn: Callable
+    heads: int
+    mlp: int
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        det = not train
+        h = nn.MultiHeadDotProductAttention(
+            self.heads, dropout_rate=RATE, broadcast_dropout=False, deterministic=det,
+            attention_fn=self.attention_fn)(nn.LayerNorm()(x))
+        x = x + self.dropout(RATE, deterministic=det)(h)
+        h = nn.relu(nn.Dense(self.mlp)(nn.LayerNorm()(x)))
+        h = nn.Dense(x.shape[-1])(self.dropout(RATE, deterministic=det)(h))
+        return x + self.dropout(RATE, deterministic=det)(h)
+
+
+class _Transformer(nn.Module):
+    """``layers`` encoder blocks, a final LayerNorm and a per-token classifier."""
+    dropout: type
+    attention_fn: Callable
+    layers: int = 2
+    heads: int = 4
+    mlp: int = 256
+    classes: int = 16
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for _ in range(self.layers):
+            x = _EncoderBlock(self.dropout, self.attention_fn, self.heads, self.mlp)(x, train)
+        return nn.Dense(self.classes)(nn.LayerNorm()(x))
+
+
+def _classifier_step(net, x, y, tx, stats: bool, variables=None):
+    """A jitted-later train step of ``net`` with cross-entropy and the optax ``tx``:
+    ``(step, args)``; ``step(params, batch_stats, opt_state, x, y, key)`` returns the new
+    params, statistics ({} without BatchNorm) and optimiser state, and the loss.
+    ``variables``: ``net``'s, or None to initialise them (compiling the initialisers takes
+    seconds on CPU: the second model of a pair takes the first one's)."""
+    import optax
+
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    if variables is None:
+        variables = jax.jit(net.init, static_argnums=2)(rngs, x, False)
+    shapes = jax.eval_shape(lambda r: net.init(r, x, False), rngs)
+    assert jax.tree.structure(shapes) == jax.tree.structure(variables), type(net).__name__
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+
+    def train_step(params, batch_stats, opt_state, x, y, key):
+        def loss_fn(p):
+            variables = {"params": p} | ({"batch_stats": batch_stats} if stats else {})
+            logits, upd = net.apply(variables, x, True, rngs={"dropout": key},
+                                    mutable=["batch_stats"] if stats else [])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, upd.get("batch_stats", {})
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+    return train_step, (params, batch_stats, tx.init(params), x, y, jax.random.key(2))
+
+
+STEP_SIZES = {  # full runs; --quick: the tiny ones
+    False: {"mlp": {"batch": 512, "width": 256, "depth": 12},
+            "resnet": {"batch": 16, "size": 32, "width": 8, "stages": (2, 2, 2)},
+            "transformer": {"batch": 16, "length": 64, "dim": 64, "heads": 4, "mlp": 256,
+                            "layers": 2}},
+    True: {"mlp": {"batch": 64, "width": 32, "depth": 3},
+           "resnet": {"batch": 4, "size": 8, "width": 4, "stages": (1, 1)},
+           "transformer": {"batch": 2, "length": 8, "dim": 16, "heads": 2, "mlp": 32,
+                           "layers": 1}},
+}
+
+
+def step_models(quick: bool = False) -> dict[str, dict]:
+    """name -> ``{"label", "sizes", "steps": {"dropnorm": step, "flax": step}, "args"}``.
+
+    mlp: :func:`twelve_layer_step` with ``optax.sgd(0.1, momentum=0.9)``; resnet:
+    :class:`_ResNet` on one device (no ``axis_name``), cross-entropy, the same SGD;
+    transformer: :class:`_Transformer` (pre-LN blocks, float32), cross-entropy per token,
+    ``optax.adamw(1e-3)``, Flax's attention dropout against :func:`dropnorm_attention_fn`.
+    Both steps of a model take the same ``args`` (the variables are the same tree).
+    """
+    import optax
+
+    sizes = STEP_SIZES[quick]
+    sgd = optax.sgd(0.1, momentum=0.9)
+    rng = np.random.default_rng(7)
+    out = {}
+    m = sizes["mlp"]
+    mlp = {name: twelve_layer_step(bn, do, m["batch"], m["width"], sgd, m["depth"])
+           for name, (bn, do) in {"dropnorm": (dl.BatchNorm, dl.Dropout),
+                                  "flax": (nn.BatchNorm, nn.Dropout)}.items()}
+    out["mlp"] = {"label": f"{m['depth']}-layer bf16 MLP (Dense/BatchNorm/relu/Dropout), "
+                           f"batch {m['batch']}, width {m['width']}, SGD+momentum",
+                  "sizes": m, "steps": {k: v[0] for k, v in mlp.items()},
+                  "args": mlp["flax"][1]}
+    r = sizes["resnet"]
+    x = jnp.asarray(rng.standard_normal((r["batch"], r["size"], r["size"], 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, r["batch"]), jnp.int32)
+    res = {"flax": _classifier_step(_ResNet(nn.BatchNorm, r["stages"], r["width"],
+                                            axis_name=None), x, y, sgd, stats=True)}
+    params, stats = res["flax"][1][:2]
+    res["dropnorm"] = _classifier_step(_ResNet(dl.BatchNorm, r["stages"], r["width"],
+                                               axis_name=None), x, y, sgd, stats=True,
+                                       variables={"params": params, "batch_stats": stats})
+    nbn = 1 + sum(2 * b for b in r["stages"]) + len(r["stages"]) - 1
+    out["resnet"] = {"label": f"ResNet ({len(r['stages'])} stages of {r['stages'][0]} blocks, "
+                              f"{nbn} BatchNorm, width {r['width']}), batch {r['batch']} of "
+                              f"{r['size']}x{r['size']}x3, SGD+momentum",
+                     "sizes": r, "steps": {k: v[0] for k, v in res.items()},
+                     "args": res["flax"][1]}
+    t = sizes["transformer"]
+    x = jnp.asarray(rng.standard_normal((t["batch"], t["length"], t["dim"])), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 16, (t["batch"], t["length"])), jnp.int32)
+    attn = dropnorm_attention_fn()
+    net = functools.partial(_Transformer, layers=t["layers"], heads=t["heads"], mlp=t["mlp"])
+    tr = {"flax": _classifier_step(net(nn.Dropout, nn.dot_product_attention), x, y,
+                                   optax.adamw(1e-3), stats=False)}
+    tr["dropnorm"] = _classifier_step(net(dl.Dropout, attn), x, y, optax.adamw(1e-3),
+                                      stats=False, variables={"params": tr["flax"][1][0]})
+    out["transformer"] = {
+        "label": f"{t['layers']} pre-LN Transformer blocks (attention + residual dropout "
+                 f"{RATE}), batch "
+                 f"{t['batch']}, length {t['length']}, width {t['dim']}, {t['heads']} heads, "
+                 f"MLP {t['mlp']}, AdamW; dropnorm's attention_fn: "
+                 f"{attn.__module__}.{attn.__name__}",
+        "sizes": t, "steps": {k: v[0] for k, v in tr.items()}, "args": tr["flax"][1]}
+    a, b = (mlp[k][1] for k in ("dropnorm", "flax"))  # the same variables, initialised twice
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    return out
+
+
+def run_steps(quick: bool = False, repeats: int = 21, compile_reps: int = 5,
+              target_spread: float | None = None, max_repeats: int | None = None) -> dict:
+    """The steps table: time per jitted train step and trace+compile time, dropnorm vs Flax.
+
+    Step time: :func:`time_interleaved` (``repeats`` rounds, more while the spread is above
+    ``target_spread``, up to ``max_repeats``), ratio Flax / dropnorm, the median of the
+    per-round ratios (> 1: dropnorm faster). Trace+compile: :func:`time_trace_compile`
+    (``compile_reps`` rounds, caches cleared, fresh ``jit``), ratio dropnorm / Flax, the
+    median of per-round ratios of the totals (< 1: dropnorm faster).
+    """
+    out = {"uptime_before": _load(), "repeats": repeats, "compile_reps": compile_reps,
+           "target_spread": target_spread, "quick": quick, "models": []}
+    for name, m in step_models(quick).items():
+        steps, args = m["steps"], m["args"]
+        times = time_interleaved(steps, args, repeats, spread_above(
+            target_spread, [("flax", "dropnorm")]), max_repeats)
+        st = ratio_stats(times["flax"], times["dropnorm"])
+        lowers = {impl: (lambda f=f, args=args: jax.jit(lambda *a: f(*a)).lower(*args))
+                  for impl, f in steps.items()}
+        tc = time_trace_compile(lowers, compile_reps)
+        ct = ratio_stats(tc["dropnorm"]["total_s"], tc["flax"]["total_s"])
+        row = {"model": name, "label": m["label"], "sizes": m["sizes"],
+               "dropnorm_ms": statistics.median(times["dropnorm"]) * 1e3,
+               "flax_ms": statistics.median(times["flax"]) * 1e3,
+               "flax_over_dropnorm": st["ratio"], "step_spread": st["spread"],
+               "step_interval": [st["lo"], st["hi"]], "rounds": st["rounds"],
+               "coverage": st["coverage"], "step_target": STEP_TARGETS[name],
+               "compile": {impl: {k: v for k, v in t.items() if k.endswith("_median")}
+                           for impl, t in tc.items()},
+               "compile_dropnorm_over_flax": ct["ratio"], "compile_spread": ct["spread"],
+               "compile_interval": [ct["lo"], ct["hi"]], "compile_coverage": ct["coverage"],
+               "compile_target": COMPILE_TARGET}
+        out["models"].append(row)
+        print(_step_line(row), flush=True)
+    out["uptime_after"] = _load()
+    return out
+
+
+def _step_line(r: dict) -> str:
+    o, f = r["compile"]["dropnorm"], r["compile"]["flax"]
+    ok = r["flax_over_dropnorm"] >= r["step_target"]
+    cok = r["compile_dropnorm_over_flax"] <= r["compile_target"]
+    return (f"step {r['model']:12s} dropnorm {r['dropnorm_ms']:8.2f} ms  flax "
+            f"{r['flax_ms']:8.2f} ms  flax/dropnorm {r['flax_over_dropnorm']:5.2f} (target "
+            f">= {r['step_target']:.2f}: {'met' if ok else 'NOT met'}; spread "
+            f"{_pct(r['step_spread'])}, {r['rounds']} rounds)  trace+compile dropnorm "
+            f"{o['lower_s_median']:.2f}+{o['compile_s_median']:.2f} s, flax "
+            f"{f['lower_s_median']:.2f}+{f['compile_s_median']:.2f} s, dropnorm/flax "
+            f"{r['compile_dropnorm_over_flax']:5.2f} (target <= {r['compile_target']:.2f}: "
+            f"{'met' if cok else 'NOT met'}; spread {_pct(r['compile_spread'])})")
 
 
 def _load() -> str:
@@ -688,13 +1071,42 @@ def machine() -> dict:
 
 
 COLUMNS = (
-    "columns: ms = median seconds per call over {r} rounds (x 1e3). linen/this = median over "
+    "columns: ms = median seconds per call over the cell's rounds (x 1e3; {r} rounds, more "
+    "where the spread was above the target: 'rounds'). linen/this = median over "
     "the rounds of (flax.linen time / this contender's time) in the SAME round: a median of "
     "per-round ratios, which cancels drift that hits both contenders of a round. It is NOT "
     "the quotient of the two median times, printed beside it as 'of medians': with few rounds "
     "on a busy CPU the two can differ widely (1.40 against 1.01 seen in a 3-round --quick run "
-    "at load average 5); where they disagree, neither is reliable. floor = memory-floor time / "
+    "at load average 5); where they disagree, neither is reliable. spread = width of the "
+    "distribution-free 95% interval of the median per-round ratio (order statistics of the "
+    "rounds; with under 6 rounds, min to max, which covers less) over the median ratio: how "
+    "far two runs of the same rounds' noise may read apart. floor = memory-floor time / "
     "median time (100% = at the floor; see the module docstring).")
+
+BN_TARGET = 0.95  # issue 14: batch_norm at least 0.95x flax.linen.BatchNorm in every cell
+
+
+def bn_target_summary(rows: list[dict], spread: float = 0.10) -> str:
+    """How many batch_norm cells meet ``BN_TARGET`` against flax.linen, and how many have a
+    spread below ``spread``, with the cells that miss either."""
+    cells = [r for r in rows if r["op"] == "batch_norm" and r["impl"] == "dropnorm"]
+    if not cells:
+        return ""
+    slow = [r for r in cells if r["linen_over_this"] < BN_TARGET]
+    wide = [r for r in cells if r.get("linen_spread") is None or r["linen_spread"] >= spread]
+
+    def name(r):
+        return f"{tuple(r['shape'])} {r['dtype']} {r['mode']} ({r['linen_over_this']:.2f}x)"
+
+    out = [f"batch_norm: {len(cells) - len(slow)} of {len(cells)} cells at >= {BN_TARGET}x "
+           f"flax.linen; {len(cells) - len(wide)} of {len(cells)} with spread below "
+           f"{spread:.0%}."]
+    if slow:
+        out.append("  below the target: " + "; ".join(name(r) for r in slow))
+    if wide:
+        out.append(f"  spread {spread:.0%} or more: " + "; ".join(
+            f"{name(r)} {_pct(r.get('linen_spread'))}" for r in wide))
+    return "\n".join(out)
 
 
 def code_version() -> dict:
@@ -713,10 +1125,15 @@ def code_version() -> dict:
     return info
 
 
-def run(shapes, repeats: int, ops, modes, layer_shape, policies: bool = True) -> dict:
+def run(shapes, repeats: int, ops, modes, layer_shape, policies: bool = True,
+        target_spread: float | None = None, max_repeats: int | None = None) -> dict:
+    """The layer grid. ``target_spread``: a cell whose dropnorm ratio to flax.linen or
+    flax.nnx has a spread (:func:`ratio_stats`) above it gets more rounds, ``repeats`` at a
+    time, up to ``max_repeats`` (None: exactly ``repeats``)."""
     print(COLUMNS.format(r=repeats), flush=True)
     rows = []
     key = jax.random.key(0)
+    more = spread_above(target_spread, [("flax.linen", "dropnorm"), ("flax.nnx", "dropnorm")])
     for shape in shapes:
         for dname, dtype in DTYPES.items():
             x = jax.random.normal(jax.random.key(1), shape, jnp.float32).astype(dtype)
@@ -724,35 +1141,46 @@ def run(shapes, repeats: int, ops, modes, layer_shape, policies: bool = True) ->
             c = shape[-1]
             scale, bias = jnp.full((c,), 1.5, jnp.float32), jnp.full((c,), 0.1, jnp.float32)
             args = (x, scale, bias, ct, jax.random.key(3))
+            eval_args = args[:4] + (eval_stats(c),)  # eval layers take (mean, var) for a key
             copy_t = statistics.median(time_interleaved({"copy": _copy}, args, repeats)["copy"])
             for op in ops:
-                layers = _dropout_layers() if op == "dropout" else _batch_norm_layers(c, dtype)
                 for mode in modes:
-                    fns = {name: _modes(layer, op)[mode] for name, layer in layers.items()
+                    if mode == "eval" and op != "batch_norm":
+                        continue  # dropout in eval mode returns x: nothing to time
+                    if mode == "eval":
+                        layers = _batch_norm_eval_layers(c, dtype)
+                    else:
+                        layers = (_dropout_layers() if op == "dropout"
+                                  else _batch_norm_layers(c, dtype))
+                    fns = {name: _modes(layer, op)["fwd" if mode == "eval" else mode]
+                           for name, layer in layers.items()
                            if name in MAIN or (policies and (
                                name in BIT_VARIANTS or (name in POLICIES and mode != "fwd")))}
                     fns["copy"] = _copy
-                    times = time_interleaved(fns, args, repeats)
+                    times = time_interleaved(fns, eval_args if mode == "eval" else args,
+                                             repeats, more, max_repeats)
                     copy_t = min(copy_t, statistics.median(times["copy"]))
                     for name in (n for n in layers if n in fns):
                         med = statistics.median(times[name])
-                        ratio_linen = statistics.median(
-                            a / b for a, b in zip(times["flax.linen"], times[name], strict=True))
-                        ratio_nnx = statistics.median(
-                            a / b for a, b in zip(times["flax.nnx"], times[name], strict=True))
+                        lin = ratio_stats(times["flax.linen"], times[name])
+                        nx = ratio_stats(times["flax.nnx"], times[name])
                         passes = FLOOR_PASSES.get((op, mode))
                         floor = None if passes is None else passes / 2 * copy_t
                         rows.append({
                             "op": op, "mode": mode, "shape": list(shape), "dtype": dname,
                             "impl": name, "ms": med * 1e3, "min_ms": min(times[name]) * 1e3,
-                            "linen_over_this": ratio_linen, "nnx_over_this": ratio_nnx,
+                            "linen_over_this": lin["ratio"], "nnx_over_this": nx["ratio"],
+                            "linen_spread": lin["spread"], "linen_interval": [lin["lo"], lin["hi"]],
+                            "nnx_spread": nx["spread"], "nnx_interval": [nx["lo"], nx["hi"]],
+                            "rounds": lin["rounds"], "coverage": lin["coverage"],
                             "floor_ms": None if floor is None else floor * 1e3,
                             "floor_fraction": None if floor is None else floor / med,
                         })
                         of_medians = statistics.median(times["flax.linen"]) / med
                         print(f"{op:10s} {mode:4s} {str(shape):20s} {dname:4s} {name:10s} "
-                              f"{med * 1e3:9.3f} ms  linen/this {ratio_linen:5.2f} "
-                              f"(of medians {of_medians:5.2f})  "
+                              f"{med * 1e3:9.3f} ms  linen/this {lin['ratio']:5.2f} "
+                              f"(of medians {of_medians:5.2f}, spread {_pct(lin['spread']):>6s}, "
+                              f"{lin['rounds']} rounds)  "
                               f"floor {'' if floor is None else f'{floor / med:6.1%}'}",
                               flush=True)
             rows.append({"op": "copy", "mode": "fwd", "shape": list(shape), "dtype": dname,
@@ -861,6 +1289,38 @@ def scale_markdown(scale: dict) -> list[str]:
     return out
 
 
+def steps_markdown(steps: dict) -> list[str]:
+    """The steps table of BENCHMARKS.md from ``run_steps``'s result."""
+    out = ["### steps: a whole jitted training step, dropnorm's layers against Flax's", "",
+           "The same model built twice from flax.linen modules, with Flax's BatchNorm / Dropout "
+           "(and Flax's attention dropout) or dropnorm's; one device; the optax update "
+           "included. Step: median ms over the rounds (interleaved, "
+           f"{steps['repeats']} rounds or more while the spread was above the target), "
+           "ratio = median of per-round Flax / dropnorm (> 1: dropnorm faster), spread as in "
+           "the layer tables. Trace+compile: wall-clock seconds, trace+lower + compile, median "
+           f"of {steps['compile_reps']} rounds with caches cleared and a fresh `jit`, ratio = "
+           "median of per-round dropnorm / Flax totals (< 1: dropnorm faster).", "",
+           "| model | dropnorm ms | flax ms | flax / dropnorm | target | spread (rounds) "
+           "| dropnorm trace+compile s | flax trace+compile s | dropnorm / flax | target "
+           "| spread |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in steps["models"]:
+        o, f = r["compile"]["dropnorm"], r["compile"]["flax"]
+
+        def tc(t):
+            return (f"{t['total_s_median']:.2f} ({t['lower_s_median']:.2f} + "
+                    f"{t['compile_s_median']:.2f})")
+
+        ok = "met" if r["flax_over_dropnorm"] >= r["step_target"] else "**not met**"
+        cok = "met" if r["compile_dropnorm_over_flax"] <= r["compile_target"] else "**not met**"
+        out.append(f"| {r['label']} | {r['dropnorm_ms']:.2f} | {r['flax_ms']:.2f} "
+                   f"| **{r['flax_over_dropnorm']:.2f}** | >= {r['step_target']:.2f} ({ok}) "
+                   f"| {_pct(r['step_spread'])} ({r['rounds']}) | {tc(o)} | {tc(f)} "
+                   f"| **{r['compile_dropnorm_over_flax']:.2f}** "
+                   f"| <= {r['compile_target']:.2f} ({cok}) | {_pct(r['compile_spread'])} |")
+    out += ["", f"Load: before `{steps['uptime_before']}`; after `{steps['uptime_after']}`.", ""]
+    return out
+
+
 def markdown(result: dict) -> str:
     """The tables of BENCHMARKS.md from a ``--json`` result."""
     out = []
@@ -872,15 +1332,17 @@ def markdown(result: dict) -> str:
                  for r in rows if r["op"] == op}
         if not cells:
             continue
-        out += [f"### {op}" + (f" (rate {result['rate']})" if op == "dropout" else " (train)"),
+        has_eval = any(k[2] == "eval" for k in cells)
+        out += [f"### {op}" + (f" (rate {result['rate']})" if op == "dropout" else
+                               " (train; eval: running statistics)" if has_eval else " (train)"),
                 "",
                 "| shape | dtype | mode | dropnorm ms | flax.linen ms | flax.nnx ms "
-                "| linen / dropnorm (per round) | linen ms / dropnorm ms "
+                "| linen / dropnorm (per round) | spread (rounds) | linen ms / dropnorm ms "
                 "| nnx / dropnorm (per round) | floor % dropnorm | floor % linen |",
-                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         keys = sorted({k[:3] for k in cells}, key=lambda k: (
             [tuple(r["shape"]) for r in rows].index(k[0]), k[1] != "f32",
-            ["fwd", "vjp", "loss"].index(k[2])))
+            MODES.index(k[2])))
         for shape, dtype, mode in keys:
             ours = cells[(shape, dtype, mode, "dropnorm")]
             lin = cells[(shape, dtype, mode, "flax.linen")]
@@ -889,11 +1351,15 @@ def markdown(result: dict) -> str:
             def pct(r):
                 return "" if r["floor_fraction"] is None else f"{100 * r['floor_fraction']:.0f}"
 
+            spread = ("-" if "rounds" not in ours else
+                      f"{_pct(ours['linen_spread'])} ({ours['rounds']})")
             out.append(f"| {shape} | {dtype} | {mode} | {ours['ms']:.2f} | {lin['ms']:.2f} "
-                       f"| {nx['ms']:.2f} | **{ours['linen_over_this']:.2f}** "
+                       f"| {nx['ms']:.2f} | **{ours['linen_over_this']:.2f}** | {spread} "
                        f"| {lin['ms'] / ours['ms']:.2f} "
                        f"| {ours['nnx_over_this']:.2f} | {pct(ours)} | {pct(lin)} |")
         out.append("")
+        if op == "batch_norm" and all("linen_spread" in r for r in cells.values()):
+            out += [bn_target_summary(rows, result.get("target_spread") or 0.10), ""]
     pol = {(tuple(r["shape"]), r["dtype"], r["mode"], r["impl"]): r
            for r in rows if r["op"] == "dropout" and r["mode"] != "fwd"}
     if any(k[3] == "packed bits" for k in pol):
@@ -954,6 +1420,8 @@ def markdown(result: dict) -> str:
                        f"| {_fmt(res.get((op, dtype, 'packed bits')))} "
                        f"| {_fmt(res.get((op, dtype, 'bool mask')))} |")
         out.append("")
+    if result.get("steps"):
+        out += steps_markdown(result["steps"])
     if result.get("scale"):
         out += scale_markdown(result["scale"])
     t = result.get("twelve_layer")
@@ -969,13 +1437,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     parser.add_argument("--json", metavar="PATH", help="write every number to this file")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds per cell")
-    parser.add_argument("--modes", default="fwd,vjp,loss", help="comma-separated subset")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="rounds per cell (default 7, --quick 3; steps table 21, --quick 3)")
+    parser.add_argument("--max-repeats", type=int, default=None,
+                        help="rounds per cell at most while its spread is above --target-spread "
+                             "(default 5 x --repeats; --quick: --repeats)")
+    parser.add_argument("--target-spread", type=float, default=None,
+                        help="a cell whose ratio spread is above this gets more rounds "
+                             "(default 0.10; --quick: none; 0: none)")
+    parser.add_argument("--compile-reps", type=int, default=None,
+                        help="trace+compile rounds per model in the steps table (default 5, "
+                             "--quick 1)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated subset of " + ",".join(MODES)
+                             + " (eval: batch norm only)")
     parser.add_argument("--ops", default="dropout,batch_norm", help="comma-separated subset")
     parser.add_argument("--markdown", metavar="JSON",
                         help="print the BENCHMARKS.md tables of an earlier --json run and exit")
     parser.add_argument("--scale", action="store_true",
                         help="only the scale table (collectives and trace+compile time)")
+    parser.add_argument("--steps", action="store_true",
+                        help="only the steps table (whole training steps, time and compile)")
     parser.add_argument("--scale-worker", type=int, metavar="DEVICES", help=argparse.SUPPRESS)
     parser.add_argument("--models", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -989,16 +1471,27 @@ def main(argv=None) -> int:
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     repeats = args.repeats or (3 if args.quick else 7)
     ops, modes = args.ops.split(","), args.modes.split(",")
+    if bad := [m for m in modes if m not in MODES]:
+        parser.error(f"--modes: unknown mode(s) {bad}; choose from {','.join(MODES)}")
+    target = (None if args.quick else 0.10) if args.target_spread is None else args.target_spread
+    target = target or None  # 0: no extra rounds
+    max_repeats = args.max_repeats or (repeats if args.quick else 5 * repeats)
+    step_repeats = args.repeats or (3 if args.quick else 21)
+    steps = functools.partial(
+        run_steps, args.quick, step_repeats, args.compile_reps or (1 if args.quick else 5),
+        target, args.max_repeats or (step_repeats if args.quick else 5 * step_repeats))
     t0 = time.perf_counter()
     info = machine()
     print(json.dumps({k: v for k, v in info.items() if k != "lscpu"}))
     if args.scale:
         result = {"scale": run_scale(reps=args.repeats or 5)}
+    elif args.steps:
+        result = {"steps": steps()}
     else:
         # --quick leaves out the two alternative dropout memory policies and the scale table
         # (to stay under a minute)
         result = run(shapes, repeats, ops, modes, layer_shape=(256, 64),
-                     policies=not args.quick)
+                     policies=not args.quick, target_spread=target, max_repeats=max_repeats)
         if "dropout" in ops:
             result["random_words"] = time_random_words(shapes, repeats)
         batch, width = (256, 128) if args.quick else (512, 256)
@@ -1011,9 +1504,12 @@ def main(argv=None) -> int:
         for r in result["residuals"]:
             print(f"residual {r['op']:10s} {r['dtype']:4s} {r['impl']:10s} "
                   f"{r['bytes_per_element']:.3f} bytes/element")
+        print(bn_target_summary(result["rows"], target or 0.10))
+        result["steps"] = steps()  # --quick: the tiny models, 3 rounds, 1 compile
         if not args.quick:
             result["scale"] = run_scale(reps=5)
     result.update(machine=info, quick=args.quick, repeats=repeats, rate=RATE,
+                  target_spread=target, max_repeats=max_repeats,
                   code=code_version(), seconds=time.perf_counter() - t0)
     print(f"total {result['seconds']:.1f} s")
     if args.json:

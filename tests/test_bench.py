@@ -1,0 +1,173 @@
+"""The benchmark's own machinery (``benchmarks/bench.py``), cheaply: no timing is asserted.
+
+What is checked: the spread statistic (a distribution-free interval for the median, its
+coverage against a Monte Carlo oracle), the extra rounds it asks for, the eval-mode batch
+norm contenders (against a float64 reference, with non-trivial running statistics), that the
+steps table compares the same model (the ResNet, which has no dropout, gives the same logits
+and statistics with either BatchNorm; the Transformer without dropout the same logits), and
+that the layer grid, the steps table and their markdown run end to end on tiny inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dropnorm.linen as dl
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench  # noqa: E402
+
+
+def test_median_interval_is_min_max_below_six_rounds_and_narrows_above():
+    v = [5.0, 1.0, 4.0, 2.0, 3.0, 7.0, 6.0]
+    assert bench.median_interval(v) == (1.0, 7.0, 1 - 2 / 2**7)  # 98.4%: (min, max)
+    lo, hi, cov = bench.median_interval(list(range(21)))
+    assert (lo, hi) == (5, 15)  # the 6th smallest to the 6th largest
+    assert cov >= bench.SPREAD_LEVEL
+    for n in (3, 5):  # no pair of order statistics reaches 95%: (min, max), and it says so
+        lo, hi, cov = bench.median_interval(list(range(n)))
+        assert (lo, hi) == (0, n - 1) and cov < bench.SPREAD_LEVEL
+
+
+@pytest.mark.parametrize("n", [7, 21])
+def test_median_interval_coverage_matches_monte_carlo(n):
+    # Oracle: draws from a skewed law with a known median (lognormal(0, 1): median 1).
+    rng = np.random.default_rng(n)
+    trials = 4000
+    hits = 0
+    for row in rng.lognormal(0.0, 1.0, (trials, n)):
+        lo, hi, cov = bench.median_interval(row.tolist())
+        hits += lo <= 1.0 <= hi
+    # Binomial standard error of the observed fraction; 5 of them: a false failure has
+    # probability below 1e-6.
+    se = math.sqrt(cov * (1 - cov) / trials)
+    assert abs(hits / trials - cov) < 5 * se, (hits / trials, cov)
+
+
+def test_ratio_stats_and_spread_above():
+    flax, ours = [2.0, 2.2, 1.8, 2.0, 2.1, 1.9, 2.0], [1.0] * 7
+    st = bench.ratio_stats(flax, ours)
+    assert st["ratio"] == 2.0 and st["rounds"] == 7
+    assert st["spread"] == pytest.approx((2.2 - 1.8) / 2.0)  # (max - min) / median at 7
+    assert bench.ratio_stats([1.0], [2.0])["spread"] is None  # one round: no spread
+    times = {"flax": flax, "dropnorm": ours}
+    assert bench.spread_above(None, [("flax", "dropnorm")]) is None
+    assert bench.spread_above(0.25, [("flax", "dropnorm")])(times) is False  # 20% <= 25%
+    assert bench.spread_above(0.10, [("flax", "dropnorm")])(times) is True
+
+
+def test_time_interleaved_adds_rounds_while_asked_up_to_the_maximum():
+    fns = {"a": lambda x: x + 1, "b": lambda x: x * 2}
+    args = (jnp.ones(3),)
+    assert len(bench.time_interleaved(fns, args, 3)["a"]) == 3
+    t = bench.time_interleaved(fns, args, 3, lambda t: True, max_repeats=7)
+    assert [len(v) for v in t.values()] == [7, 7]  # 3 + 3 + 1: never past the maximum
+    t = bench.time_interleaved(fns, args, 2, lambda t: len(t["a"]) < 5, max_repeats=20)
+    assert len(t["b"]) == 6  # asked after 2 and 4 rounds, not after 6
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_eval_contenders_normalise_by_the_running_statistics(dtype):
+    c = 8
+    x = jax.random.normal(jax.random.key(0), (16, c)).astype(dtype)
+    scale, bias = jnp.linspace(0.5, 2.0, c), jnp.linspace(-1.0, 1.0, c)
+    mean, var = bench.eval_stats(c)
+    assert float(jnp.min(jnp.abs(mean))) > 0 and float(jnp.max(jnp.abs(var - 1))) > 0.1
+    f64 = [np.asarray(a, np.float64) for a in (x.astype(jnp.float32), scale, bias, mean, var)]
+    ref = (f64[0] - f64[3]) / np.sqrt(f64[4] + 1e-5) * f64[1] + f64[2]
+    # float32: a few ulps of |ref| <= ~10; bf16 output: its rounding (2**-8 relative) of |ref|
+    tol = 1e-5 if dtype == jnp.float32 else 2**-7 * 10
+    for name, layer in bench._batch_norm_eval_layers(c, dtype).items():
+        y = jax.jit(layer)(x, scale, bias, (mean, var))
+        assert y.dtype == dtype, name
+        np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=tol, err_msg=name)
+
+
+def _variables(net, *args):
+    """Random variables of ``net``'s shapes, without compiling its initialisers (which takes
+    seconds on CPU): parameters normal(0, 0.3), running means 0 and variances 1."""
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(lambda key: net.init(key, *args), jax.random.key(0))
+
+    def fill(path, s):
+        name = jax.tree_util.keystr(path)
+        value = (np.ones(s.shape) if "var" in name else np.zeros(s.shape)) \
+            if "batch_stats" in name else rng.normal(0.0, 0.3, s.shape)
+        return jnp.asarray(value, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def test_resnet_is_the_same_model_with_either_batch_norm():
+    # The ResNet has no dropout, so with dropnorm's BatchNorm and with Flax's it must give
+    # the same logits and the same new running statistics in training mode: the steps table
+    # times the same computation. Tolerance: float32 rounding of two exact variance formulas
+    # (two-pass against E[x^2] - E[x]^2) through 6 layers: 1e-4 relative, 1e-5 absolute.
+    r = bench.STEP_SIZES[True]["resnet"]
+    x = jax.random.normal(jax.random.key(0), (r["batch"], r["size"], r["size"], 3))
+    nets = [bench._ResNet(bn, r["stages"], r["width"], axis_name=None)
+            for bn in (dl.BatchNorm, nn.BatchNorm)]
+    v = _variables(nets[1], x, False)
+
+    @jax.jit
+    def both(v, x):
+        return [n.apply(v, x, True, mutable=["batch_stats"]) for n in nets]
+
+    ours, theirs = both(v, x)
+    assert len(jax.tree.leaves(theirs[1])) == 2 * 6  # mean and var of each BatchNorm
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 ours, theirs)
+
+
+def test_transformer_without_dropout_has_the_same_logits():
+    # Deterministic, dropnorm's attention_fn must be Flax's attention: same logits. float32
+    # rounding of the same arithmetic, possibly in another order: 1e-5.
+    t = bench.STEP_SIZES[True]["transformer"]
+    x = jax.random.normal(jax.random.key(0), (t["batch"], t["length"], t["dim"]))
+    ours = bench._Transformer(dl.Dropout, bench.dropnorm_attention_fn(), t["layers"],
+                              t["heads"], t["mlp"])
+    theirs = bench._Transformer(nn.Dropout, nn.dot_product_attention, t["layers"], t["heads"],
+                                t["mlp"])
+    v = _variables(theirs, x, False)
+
+    @jax.jit
+    def logits(v, x, key):
+        return (ours.apply(v, x, False), theirs.apply(v, x, False),
+                ours.apply(v, x, True, rngs={"dropout": key}))
+
+    a, b, train = logits(v, x, jax.random.key(2))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert float(jnp.max(jnp.abs(train - a))) > 1e-3  # and in training, dropout is on
+
+
+def test_grid_steps_and_markdown_end_to_end(monkeypatch):
+    monkeypatch.setattr(bench, "DTYPES", {"f32": jnp.float32})  # one dtype is enough here
+    res = bench.run([(64, 8)], 2, ["batch_norm"], ["eval"], layer_shape=(16, 8),
+                    policies=False, target_spread=None)
+    modes = {(r["impl"], r["mode"]) for r in res["rows"] if r["op"] == "batch_norm"}
+    assert modes == {(n, "eval") for n in bench.MAIN}
+    row = next(r for r in res["rows"] if r["impl"] == "dropnorm")
+    assert row["rounds"] == 2 and row["floor_fraction"] is not None  # eval's floor: 2 passes
+    # A steps table of two trivial "models", for its code path (run_steps, markdown).
+    tiny = {"label": "tiny", "sizes": {}, "args": (jnp.ones(4),),
+            "steps": {"dropnorm": lambda x: x + 1, "flax": lambda x: x * 2}}
+    monkeypatch.setattr(bench, "step_models", lambda quick: {"mlp": tiny, "resnet": tiny})
+    steps = bench.run_steps(True, repeats=3, compile_reps=2)
+    assert [m["model"] for m in steps["models"]] == ["mlp", "resnet"]
+    assert steps["models"][0]["rounds"] == 3 and steps["models"][0]["step_target"] == 1.1
+    md = bench.markdown(res | {"repeats": 2, "rate": bench.RATE, "steps": steps})
+    assert "| (64, 8) | f32 | eval |" in md and "batch_norm: " in md
+    assert "### steps:" in md and "| tiny |" in md and ">= 1.10" in md and "<= 1.15" in md
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(SystemExit):
+        bench.main(["--modes", "fwd,train"])
