@@ -1,5 +1,6 @@
 """dropnorm: dropout and batch normalisation as pure, transform-friendly JAX functions."""
 
+from dropnorm._attention import dot_product_attention as dot_product_attention
 from dropnorm._batch_norm import BatchNormParams as BatchNormParams
 from dropnorm._batch_norm import BatchNormState as BatchNormState
 from dropnorm._batch_norm import batch_norm as batch_norm
@@ -21,6 +22,7 @@ __all__ = [
     "batch_norm",
     "batch_norm_init",
     "batch_renorm",
+    "dot_product_attention",
     "drop_block",
     "drop_path",
     "dropout",

@@ -126,20 +126,22 @@ def is_key(value: Any) -> bool:
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
-def check_key(key: Any, fn: str, train_off: str = "train=False") -> jax.Array:
+def check_key(key: Any, fn: str, train_off: str = "train=False",
+              name: str = "key") -> jax.Array:
     """A JAX PRNG key: a typed key of any implementation (``jax.random.key(seed, impl=...)``)
     or a raw uint32 key of the default implementation's shape (``jax.random.PRNGKey``:
-    ``(2,)`` for threefry, ``(4,)`` under ``jax_default_prng_impl='rbg'`` / ``'unsafe_rbg'``)."""
+    ``(2,)`` for threefry, ``(4,)`` under ``jax_default_prng_impl='rbg'`` / ``'unsafe_rbg'``).
+    ``name``: the argument's name in the caller's terms (``dropout_rng`` for attention)."""
     if key is None:
         raise TypeError(
-            f"{fn}: `key` is None but the layer is training, so it needs randomness. Pass a key "
-            f"from `jax.random.key(seed)` (split it for each call), or pass {train_off}."
+            f"{fn}: `{name}` is None but the layer is training, so it needs randomness. Pass a "
+            f"key from `jax.random.key(seed)` (split it for each call), or pass {train_off}."
         )
     if isinstance(key, (jax.Array, np.ndarray)):
         if is_key(key):
             if key.shape != ():
                 raise TypeError(
-                    f"{fn}: `key` must be a single PRNG key; got a key array of shape "
+                    f"{fn}: `{name}` must be a single PRNG key; got a key array of shape "
                     f"{key.shape}. Index it, or use jax.vmap to map over a batch of keys."
                 )
             return key
@@ -148,13 +150,13 @@ def check_key(key: Any, fn: str, train_off: str = "train=False") -> jax.Array:
             return jnp.asarray(key)
         if key.dtype == np.uint32 and key.ndim == 1:
             raise TypeError(
-                f"{fn}: `key` is {_describe(key)}, a raw key, but the default "
+                f"{fn}: `{name}` is {_describe(key)}, a raw key, but the default "
                 f"PRNG implementation ({jax.config.jax_default_prng_impl}) makes raw keys of "
                 f"shape {raw}. Make it with the current default, or use a typed key, "
                 f"`jax.random.key(seed, impl=...)`, which carries its implementation."
             )
     raise TypeError(
-        f"{fn}: `key` must be a JAX PRNG key made by `jax.random.key(seed)` (or the legacy "
+        f"{fn}: `{name}` must be a JAX PRNG key made by `jax.random.key(seed)` (or the legacy "
         f"`jax.random.PRNGKey(seed)`); got {_describe(key)}."
     )
 

@@ -52,7 +52,12 @@ def seed_words(key: jax.Array) -> jax.Array:
 
 def hashed_words(seed: jax.Array, n: int) -> jax.Array:
     """``n`` uint32 words from a seed of :func:`seed_words`: ``g(f(i ^ k0) + k1)``."""
-    i = lax.iota(jnp.uint32, n)
+    return words_at(seed, lax.iota(jnp.uint32, n))
+
+
+def words_at(seed: jax.Array, i: jax.Array) -> jax.Array:
+    """The words of :func:`hashed_words` at the uint32 indices ``i`` (any shape): a block
+    of a mask regenerates on its own (``dot_product_attention``'s query chunks)."""
     h = _mix(i ^ seed[0], 0x7FEB352D, 0x846CA68B, 16)
     return _mix(h + seed[1], 0x21F0AAAD, 0xD35A2D97, 15)
 
@@ -109,7 +114,12 @@ def keep_threshold(rate: float | jax.Array, bits: int):
 def keep_mask(key: jax.Array, shape: tuple[int, ...], k, bits: int,
               seeded: bool = False) -> jax.Array:
     """Boolean mask, True with probability exactly ``k / 2**bits``."""
-    u = uniform_bits(key, shape, bits, seeded)
+    return keep_from_bits(uniform_bits(key, shape, bits, seeded), k, bits)
+
+
+def keep_from_bits(u: jax.Array, k, bits: int) -> jax.Array:
+    """``u < k``: uniform ``bits``-bit integers ``u`` against :func:`keep_threshold`'s ``k``."""
+    shape = u.shape
     if isinstance(k, int):
         if k >= 2**bits:
             return jnp.ones(shape, bool)

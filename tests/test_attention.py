@@ -1,0 +1,484 @@
+"""dropnorm.dot_product_attention: float64 oracle, properties, parity with Flax, memory, errors.
+
+The oracle is the formula in NumPy float64, with the keep mask that :func:`dropnorm.dropout`
+draws from the same key for the weights' shape (``dropout(key, ones(w.shape), rate, True)``,
+whose kept values are exactly ``1 / p`` for the quantised keep probability ``p``). The
+parity tests run Flax's own ``dot_product_attention`` and attention modules beside ours.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dropnorm
+
+KEY = jax.random.key(7)
+# float64 against float64: the two compute the same sums in different orders (chunks,
+# einsum contraction order), a few ulps of values of order 1.
+TOL64 = 1e-12
+# float32 against the float64 oracle: logits of order 5 lose ~1e-7 relative each; the
+# softmax and a 9-term weighted sum keep that within 1e-5 absolute for outputs of order 1.
+TOL32 = 1e-5
+
+
+def _inputs(shape_q, n_k, depth_v=None, dtype=np.float64, seed=0):
+    """query, key, value of shapes (batch..., q, h, d), (batch..., k, h, d), (..., k, h, dv)."""
+    *batch, n_q, h, d = shape_q
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=shape_q)
+    k = rng.normal(size=(*batch, n_k, h, d))
+    v = rng.normal(size=(*batch, n_k, h, depth_v or d))
+    return tuple(jnp.asarray(a, dtype) for a in (q, k, v))
+
+
+def _weights_shape(q, k):
+    return q.shape[:-3] + (q.shape[-2], q.shape[-3], k.shape[-3])
+
+
+def _multiplier(key, shape, rate, broadcast, mask_bits=16):
+    """dropnorm's mask for the weights, as the multiplier keep / p (0 where dropped)."""
+    if key is None or rate == 0.0:
+        return np.ones(shape)
+    dims = tuple(range(len(shape) - 2)) if broadcast else ()
+    return np.asarray(dropnorm.dropout(key, jnp.ones(shape), rate, True,
+                                       broadcast_dims=dims, mask_bits=mask_bits),
+                      np.float64)
+
+
+def _np_reference(q, k, v, bias=None, mask=None, multiplier=None, causal=False):
+    """softmax(q k^T / sqrt(d) + bias, masked) * multiplier @ v, in NumPy float64."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = np.einsum("...qhd,...khd->...hqk", q / math.sqrt(q.shape[-1]), k)
+    if bias is not None:
+        s = s + np.asarray(bias, np.float64)
+    valid = np.ones(s.shape, bool)
+    if mask is not None:
+        valid = valid & np.asarray(mask, bool)
+    if causal:
+        valid = valid & np.tril(np.ones(s.shape[-2:], bool))
+    s = np.where(valid, s, np.finfo(np.float64).min)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    if multiplier is not None:
+        p = p * multiplier
+    return np.einsum("...hqk,...khd->...qhd", p, v)
+
+
+def _jnp_reference(q, k, v, bias, mask, multiplier):
+    """The same formula in jnp (for autodiff): the gradient's oracle."""
+    s = jnp.einsum("...qhd,...khd->...hqk", q / jnp.sqrt(q.shape[-1]), k)
+    if bias is not None:
+        s = s + bias
+    if mask is not None:
+        s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
+    return jnp.einsum("...hqk,...khd->...qhd", jax.nn.softmax(s, -1) * multiplier, v)
+
+
+# ------------------------------------------------------------------ the float64 oracle
+
+
+# one pass; chunks of one row; chunks of 3 of 7 rows (the last overlaps the one before)
+@pytest.mark.parametrize(("broadcast", "chunk"), [(False, None), (False, 1), (True, 3)])
+def test_output_is_the_formula_with_dropouts_mask_in_float64(broadcast, chunk):
+    with jax.enable_x64(True):
+        q, k, v = _inputs((2, 7, 3, 4), 5, depth_v=6)
+        rng = np.random.default_rng(1)
+        bias = jnp.asarray(rng.normal(size=(2, 1, 7, 5)))
+        mask = jnp.asarray(rng.random((1, 3, 7, 5)) > 0.3)
+        rate = 0.3
+        ours = dropnorm.dot_product_attention(
+            q, k, v, bias, mask, broadcast_dropout=broadcast, dropout_rng=KEY,
+            dropout_rate=rate, query_chunk_size=chunk)
+        mult = _multiplier(KEY, _weights_shape(q, k), rate, broadcast)
+        assert 0 < (mult == 0).mean() < 0.6  # the mask drops something, not everything
+        want = _np_reference(q, k, v, bias, mask, mult)
+        assert ours.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(ours), want, rtol=0, atol=TOL64)
+
+
+@pytest.mark.parametrize("mask_bits", [8, 32])
+def test_other_mask_resolutions_are_dropouts_masks_too(mask_bits):
+    with jax.enable_x64(True):
+        q, k, v = _inputs((3, 4, 2, 3), 9)
+        ours = dropnorm.dot_product_attention(q, k, v, broadcast_dropout=False,
+                                              dropout_rng=KEY, dropout_rate=0.4,
+                                              mask_bits=mask_bits, query_chunk_size=3)
+        mult = _multiplier(KEY, _weights_shape(q, k), 0.4, False, mask_bits)
+        np.testing.assert_allclose(np.asarray(ours), _np_reference(q, k, v, multiplier=mult),
+                                   rtol=0, atol=TOL64)
+
+
+def test_float32_output_against_the_float64_oracle():
+    q, k, v = _inputs((2, 9, 2, 8), 9, dtype=np.float32)
+    ours = dropnorm.dot_product_attention(q, k, v, broadcast_dropout=False, dropout_rng=KEY,
+                                          dropout_rate=0.2, query_chunk_size=4)
+    mult = _multiplier(KEY, _weights_shape(q, k), 0.2, False)
+    assert ours.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(ours, np.float64),
+                               _np_reference(q, k, v, multiplier=mult), rtol=0, atol=TOL32)
+
+
+def test_gradients_are_autodiff_of_the_formula_with_the_same_mask():
+    with jax.enable_x64(True):
+        q, k, v = _inputs((2, 5, 2, 3), 4)
+        rng = np.random.default_rng(2)
+        bias = jnp.asarray(rng.normal(size=(1, 2, 5, 4)))
+        mask = jnp.asarray(rng.random((2, 1, 5, 4)) > 0.25)
+        ct = jnp.asarray(rng.normal(size=(2, 5, 2, 3)))
+        mult = jnp.asarray(_multiplier(KEY, _weights_shape(q, k), 0.3, False))
+
+        def ours(q, k, v, b, chunk=None):
+            return jnp.vdot(ct, dropnorm.dot_product_attention(
+                q, k, v, b, mask, broadcast_dropout=False, dropout_rng=KEY, dropout_rate=0.3,
+                query_chunk_size=chunk))
+
+        def ref(q, k, v, b):
+            return jnp.vdot(ct, _jnp_reference(q, k, v, b, mask, mult))
+
+        want = jax.jit(jax.grad(ref, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+        for chunk in (None, 2):  # one pass; a loop of chunks, the last overlapping
+            got = jax.jit(jax.grad(functools.partial(ours, chunk=chunk),
+                                   argnums=(0, 1, 2, 3)))(q, k, v, bias)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-10)
+        # forward mode too (no custom rule: jax.jvp works)
+        tangents = tuple(jnp.ones_like(a) for a in (q, k, v, bias))
+        jvp = jax.jit(lambda f, *a: jax.jvp(f, a, tangents)[1], static_argnums=0)
+        np.testing.assert_allclose(float(jvp(ours, q, k, v, bias)),
+                                   float(jvp(ref, q, k, v, bias)), rtol=1e-10)
+
+
+def test_causal_is_the_lower_triangle():
+    with jax.enable_x64(True):
+        q, k, v = _inputs((2, 6, 2, 3), 6)
+        for chunk in (None, 4):
+            ours = dropnorm.dot_product_attention(q, k, v, is_causal=True, deterministic=True,
+                                                  query_chunk_size=chunk)
+            np.testing.assert_allclose(np.asarray(ours), _np_reference(q, k, v, causal=True),
+                                       rtol=0, atol=TOL64)
+
+
+# ------------------------------------------------------------------ properties
+
+shapes = st.tuples(
+    st.lists(st.integers(1, 3), min_size=0, max_size=2),  # batch dims
+    st.integers(1, 7), st.integers(1, 6), st.integers(1, 3), st.integers(1, 4))
+
+
+@settings(max_examples=4, deadline=None)
+@given(shapes, st.floats(0.0, 1.0), st.booleans(), st.integers(1, 8))
+def test_any_shape_and_rate_is_the_oracle_with_dropouts_mask(shape, rate, broadcast, chunk):
+    batch, n_q, n_k, h, d = shape
+    with jax.enable_x64(True):
+        q, k, v = _inputs((*batch, n_q, h, d), n_k)
+        ours = dropnorm.dot_product_attention(q, k, v, broadcast_dropout=broadcast,
+                                              dropout_rng=KEY, dropout_rate=rate,
+                                              query_chunk_size=chunk)
+        mult = _multiplier(KEY, _weights_shape(q, k), rate, broadcast)
+        np.testing.assert_allclose(np.asarray(ours), _np_reference(q, k, v, multiplier=mult),
+                                   rtol=0, atol=TOL64)
+
+
+@settings(max_examples=3, deadline=None)
+@given(shapes, st.floats(0.0, 1.0))
+def test_deterministic_and_rate_zero_are_attention_without_dropout(shape, rate):
+    batch, n_q, n_k, h, d = shape
+    q, k, v = _inputs((*batch, n_q, h, d), n_k, dtype=np.float32)
+    want = _np_reference(q, k, v)
+    off = dropnorm.dot_product_attention(q, k, v, dropout_rng=KEY, dropout_rate=rate,
+                                         deterministic=True)
+    zero = dropnorm.dot_product_attention(q, k, v, dropout_rng=KEY, dropout_rate=0.0)
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(zero))
+    np.testing.assert_allclose(np.asarray(off, np.float64), want, rtol=0, atol=TOL32)
+
+
+@settings(max_examples=2, deadline=None)
+@given(shapes, st.booleans())
+def test_rate_one_gives_zeros_and_zero_gradients_never_nan(shape, broadcast):
+    batch, n_q, n_k, h, d = shape
+    q, k, v = _inputs((*batch, n_q, h, d), n_k, dtype=np.float32)
+
+    def f(q, k, v):
+        return dropnorm.dot_product_attention(q, k, v, broadcast_dropout=broadcast,
+                                              dropout_rng=KEY, dropout_rate=1.0,
+                                              query_chunk_size=2)
+
+    np.testing.assert_array_equal(np.asarray(f(q, k, v)), 0.0)
+    grads = jax.jit(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2)))(q, k, v)
+    for g in grads:
+        np.testing.assert_array_equal(np.asarray(g), 0.0)  # zero, hence also not NaN
+
+
+def test_traced_rate_and_traced_deterministic_match_the_static_paths():
+    q, k, v = _inputs((2, 5, 2, 3), 5, dtype=np.float32)
+    f = jax.jit(lambda r, det: dropnorm.dot_product_attention(
+        q, k, v, dropout_rng=KEY, dropout_rate=r, deterministic=det, query_chunk_size=2))
+    on = dropnorm.dot_product_attention(q, k, v, dropout_rng=KEY, dropout_rate=0.3,
+                                        query_chunk_size=2)
+    off = dropnorm.dot_product_attention(q, k, v, deterministic=True)
+    # the same operations compiled in another program (a lax.cond, a traced 1 / p): a few
+    # float32 ulps of outputs of order 1
+    np.testing.assert_allclose(np.asarray(f(0.3, False)), np.asarray(on), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(f(0.3, True)), np.asarray(off), rtol=0, atol=1e-6)
+    assert not np.array_equal(np.asarray(on), np.asarray(off))
+    # an invalid traced rate cannot raise: it poisons the output instead of being clipped
+    assert np.isnan(np.asarray(f(1.5, False))).all()
+    assert np.isnan(np.asarray(f(jnp.nan, False))).all()
+
+
+def test_vmap_over_keys_is_a_loop_over_keys():
+    q, k, v = _inputs((4, 3, 2), 4, dtype=np.float32)
+    keys = jax.random.split(KEY, 3)
+
+    def f(key):
+        return dropnorm.dot_product_attention(q, k, v, dropout_rng=key, dropout_rate=0.5)
+
+    mapped = jax.vmap(f)(keys)
+    for i in range(3):  # batched products sum in another order: a few float32 ulps
+        np.testing.assert_allclose(np.asarray(mapped[i]), np.asarray(f(keys[i])), rtol=0,
+                                   atol=1e-6)
+    assert not np.allclose(np.asarray(mapped[0]), np.asarray(mapped[1]))  # keys differ
+
+
+# ------------------------------------------------------------------ parity with Flax
+
+# Same float32 operations on both sides except the summation order: a few ulps.
+PARITY32 = 2e-6
+
+
+@pytest.mark.parametrize(("batch", "precision", "ways"), [
+    ((), None, 1), ((2,), jax.lax.Precision.HIGHEST, 2), ((2, 3), None, 1)])
+def test_parity_with_flax_linen_without_dropout(batch, precision, ways):
+    q, k, v = _inputs((*batch, 5, 2, 4), 6, dtype=np.float32)
+    rng = np.random.default_rng(3)
+    bias = jnp.asarray(rng.normal(size=(*batch, 1, 5, 6)), jnp.float32)
+    mask = jnp.asarray(rng.random((*batch, 2, 5, 6)) > 0.3)
+    mask = mask.at[..., 0, :].set(False)  # a row with no valid key: uniform weights (Flax)
+    offs = ({"deterministic": True, "dropout_rate": 0.3, "dropout_rng": KEY,
+             "broadcast_dropout": False}, {"dropout_rate": 0.0})
+    for kwargs in offs[:ways]:  # deterministic; rate 0
+        args = dict(bias=bias, mask=mask, precision=precision, **kwargs)
+        ours = dropnorm.dot_product_attention(q, k, v, **args, query_chunk_size=2)
+        theirs = jax.jit(functools.partial(nn.dot_product_attention, **args))(q, k, v)
+        assert ours.dtype == theirs.dtype
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0,
+                                   atol=PARITY32)
+
+
+@pytest.mark.parametrize(("dtype", "force"), [
+    (jnp.bfloat16, False), (jnp.bfloat16, True), (jnp.float32, True)])
+def test_parity_with_flax_linen_dtypes(dtype, force):
+    q, k, v = _inputs((2, 5, 2, 4), 5, dtype=np.float32)
+    ours = dropnorm.dot_product_attention(q, k, v, dtype=dtype, deterministic=True,
+                                          force_fp32_for_softmax=force)
+    theirs = jax.jit(functools.partial(nn.dot_product_attention, dtype=dtype,
+                                       deterministic=True, force_fp32_for_softmax=force))(q, k, v)
+    assert ours.dtype == theirs.dtype
+    # bfloat16: Flax rounds the logits, the weights and the output to bfloat16 (8-bit
+    # mantissa: 2**-8 relative each); ours rounds only the scaled query and the output.
+    # Outputs of order 1: a few bfloat16 ulps, 3e-2.
+    tol = 3e-2 if dtype == jnp.bfloat16 else PARITY32
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32),
+                               rtol=0, atol=tol)
+
+
+def test_parity_with_flax_nnx_causal_and_grouped_query_attention():
+    q, _, _ = _inputs((2, 6, 4, 3), 6, dtype=np.float32)
+    _, k, v = _inputs((2, 6, 2, 3), 6, dtype=np.float32, seed=1)  # 2 kv heads for 4
+    for causal in (False, True):
+        ours = dropnorm.dot_product_attention(q, k, v, is_causal=causal, deterministic=True,
+                                              query_chunk_size=4)
+        # dropout_rate > 0 with deterministic=True: nnx's own path (not jax.nn's), which
+        # implements grouped queries
+        theirs = jax.jit(functools.partial(nnx.dot_product_attention, is_causal=causal,
+                                           deterministic=True, dropout_rate=0.1))(q, k, v)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0,
+                                   atol=PARITY32)
+
+
+def _flax_weights_times_dropnorms_mask(query, key, value, bias=None, mask=None,
+                                       broadcast_dropout=True, dropout_rng=None,
+                                       dropout_rate=0.0, deterministic=False, dtype=None,
+                                       precision=None, module=None, is_causal=False):
+    """Flax's weights times dropnorm's mask from the same key: what ours must compute."""
+    assert not is_causal
+    w = nn.dot_product_attention_weights(query, key, bias, mask, deterministic=True,
+                                         dtype=dtype, precision=precision)
+    if not deterministic and dropout_rate > 0:
+        w = w * _multiplier(dropout_rng, w.shape, dropout_rate, broadcast_dropout)
+    return jnp.einsum("...hqk,...khd->...qhd", w, value, precision=precision)
+
+
+def test_inside_flax_linen_multi_head_attention():
+    broadcast = False  # not the default: the module's broadcast_dropout reaches the mask
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 6, 16)), jnp.float32)
+    mask = nn.make_causal_mask(jnp.ones((2, 6)))
+
+    def layer(fn):
+        return nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16, dropout_rate=0.3,
+                                               broadcast_dropout=broadcast, attention_fn=fn)
+
+    params = layer(nn.dot_product_attention).init(jax.random.key(1), x, deterministic=True)
+    ours = layer(dropnorm.dot_product_attention)
+    # without dropout: Flax's own attention
+    theirs = layer(nn.dot_product_attention).apply(params, x, mask=mask, deterministic=True)
+    np.testing.assert_allclose(np.asarray(ours.apply(params, x, mask=mask, deterministic=True)),
+                               np.asarray(theirs), rtol=0, atol=PARITY32)
+    # with dropout: the module's dropout_rng and broadcast_dropout reach the mask
+    rngs = {"dropout": jax.random.key(5)}
+    got = ours.apply(params, x, mask=mask, deterministic=False, rngs=rngs)
+    want = layer(_flax_weights_times_dropnorms_mask).apply(params, x, mask=mask,
+                                                          deterministic=False, rngs=rngs)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=PARITY32)
+    assert not np.allclose(np.asarray(got), np.asarray(theirs))
+    # sow_weights: the module passes module=self; the weights before dropout are sown
+    _, sown = ours.apply(params, x, mask=mask, deterministic=False, rngs=rngs,
+                         sow_weights=True, mutable=["intermediates"])
+    _, flax_sown = layer(nn.dot_product_attention).apply(
+        params, x, mask=mask, deterministic=True, sow_weights=True, mutable=["intermediates"])
+    (w,) = sown["intermediates"]["attention_weights"]
+    (fw,) = flax_sown["intermediates"]["attention_weights"]
+    np.testing.assert_allclose(np.asarray(w), np.asarray(fw), rtol=0, atol=PARITY32)
+
+
+def test_inside_flax_nnx_multi_head_attention():
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 6, 16)), jnp.float32)
+
+    def layer(fn):
+        return nnx.MultiHeadAttention(num_heads=4, in_features=16, qkv_features=16,
+                                      dropout_rate=0.3, decode=False, rngs=nnx.Rngs(0),
+                                      attention_fn=fn)
+
+    ours, theirs = layer(dropnorm.dot_product_attention), layer(nnx.dot_product_attention)
+    for causal in (False, True):  # nnx passes is_causal (and module=) to every attention_fn
+        np.testing.assert_allclose(
+            np.asarray(ours(x, deterministic=True, is_causal=causal)),
+            np.asarray(theirs(x, deterministic=True, is_causal=causal)), rtol=0,
+            atol=PARITY32)
+    got = ours(x, deterministic=False, rngs=nnx.Rngs(dropout=3))
+    want = layer(_flax_weights_times_dropnorms_mask)(x, deterministic=False,
+                                                    rngs=nnx.Rngs(dropout=3))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=PARITY32)
+    # sow_weights: nnx passes module=self, and the weights are sown (nnx.capture collects them)
+    sown = [nnx.capture(lambda m, x: m(x, deterministic=True, sow_weights=True),
+                        nnx.Intermediate)(m, x)[1] for m in (ours, theirs)]
+    (w,), (fw,) = (s["attention_weights"].get_value() for s in sown)
+    np.testing.assert_allclose(np.asarray(w), np.asarray(fw), rtol=0, atol=PARITY32)
+
+
+# ------------------------------------------------------------------ memory
+
+
+def _residual_bytes(fn, *args) -> int:
+    """Bytes of the arrays the ``jax.vjp`` closure holds (traced only: eval_shape)."""
+    closure = jax.eval_shape(lambda *a: jax.vjp(fn, *a)[1], *args)
+    return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(closure))
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_reverse_mode_keeps_nothing_of_the_weights_size(chunk):
+    # Residuals: the float32 copies of q, k, v and the 8-byte seed. The (2, 4, 64, 64)
+    # weights alone would be 131 kB; Flax keeps three such arrays.
+    q, k, v = _inputs((2, 64, 4, 8), 64, dtype=np.float32)
+    inputs = sum(a.nbytes for a in (q, k, v))
+    kept = _residual_bytes(functools.partial(
+        dropnorm.dot_product_attention, broadcast_dropout=False, dropout_rng=KEY,
+        dropout_rate=0.1, query_chunk_size=chunk), q, k, v)
+    assert kept <= inputs + 256, (kept, inputs)
+    flax_kept = _residual_bytes(functools.partial(
+        nn.dot_product_attention, broadcast_dropout=False, dropout_rng=KEY, dropout_rate=0.1),
+        q, k, v)
+    assert flax_kept > inputs + 2 * 2 * 4 * 64 * 64 * 4, flax_kept
+
+
+def _train_step_temp_bytes(attention_fn, length: int) -> int:
+    """Compiled temp bytes of ``value_and_grad`` of a loss of attention over q, k and v (4
+    heads of 16, batch 2, dropout 0.1 not broadcast): compiled, not run."""
+    f = functools.partial(attention_fn, broadcast_dropout=False, dropout_rng=KEY,
+                          dropout_rate=0.1)
+    step = jax.value_and_grad(lambda q, k, v: jnp.mean(f(q, k, v) ** 2), argnums=(0, 1, 2))
+    x = jax.ShapeDtypeStruct((2, length, 4, 16), jnp.float32)
+    return jax.jit(step).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_train_step_temp_memory_is_well_below_flaxs():
+    # A deterministic compile-time figure (XLA's buffer assignment), not a timing. At length
+    # 512 Flax holds the (2, 4, 512, 512) weights, mask and dropped weights for the backward
+    # pass (51 MB of temp memory); ours holds chunks of the weights, one at a time (14 MB,
+    # 0.27x, when this test was written). The issue's target is 0.5x at length 2048.
+    ours = _train_step_temp_bytes(dropnorm.dot_product_attention, 512)
+    theirs = _train_step_temp_bytes(nn.dot_product_attention, 512)
+    assert ours <= 0.5 * theirs, (ours, theirs, ours / theirs)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def _raises_at_trace(fn, exc, *fragments):
+    """``fn(q)`` raises ``exc`` eagerly, under jit and under eval_shape, naming fragments."""
+    q = jnp.ones((2, 3, 2, 4))
+    for run in (fn, jax.jit(fn), lambda q: jax.eval_shape(fn, q)):
+        with pytest.raises(exc) as info:
+            run(q)
+        for fragment in fragments:
+            assert fragment in str(info.value), (fragment, str(info.value))
+
+
+KV = jnp.ones((2, 5, 2, 4))
+ATTEND = dropnorm.dot_product_attention
+
+
+@pytest.mark.parametrize(("rate", "shown"), [(-0.1, "-0.1"), (1.5, "1.5"), (math.nan, "nan")])
+def test_dropout_rate_outside_the_unit_interval(rate, shown):
+    _raises_at_trace(lambda q: ATTEND(q, KV, KV, dropout_rng=KEY, dropout_rate=rate),
+                     ValueError, "dot_product_attention", "`dropout_rate`", shown)
+
+
+def test_missing_dropout_rng_while_dropping():
+    _raises_at_trace(lambda q: ATTEND(q, KV, KV, dropout_rate=0.1), TypeError,
+                     "`dropout_rng` is None", "deterministic=True")
+    _raises_at_trace(lambda q: ATTEND(q, KV, KV, dropout_rate=0.1, dropout_rng=3), TypeError,
+                     "`dropout_rng` must be a JAX PRNG key")
+    ATTEND(jnp.ones((2, 3, 2, 4)), KV, KV, dropout_rate=0.1, deterministic=True)  # not needed
+
+
+@pytest.mark.parametrize(("k", "v", "fragments"), [
+    (jnp.ones((2, 5, 2, 3)), KV, ("`query` and `key` must have the same depth", "4 and 3")),
+    (KV, jnp.ones((2, 4, 2, 4)), ("`key` and `value` must have the same length", "5 and 4")),
+    (jnp.ones((3, 5, 2, 4)), jnp.ones((3, 5, 2, 4)), ("same batch dimensions", "(3, 5, 2, 4)")),
+    (jnp.ones((5, 2, 4)), jnp.ones((5, 2, 4)), ("same rank", "(5, 2, 4)")),
+    (jnp.ones((2, 5, 3, 4)), jnp.ones((2, 5, 3, 4)), ("number of heads", "2, 3 and 3")),
+    (jnp.ones((5, 4)), jnp.ones((5, 4)), ("`key` must have the shape", "(5, 4)")),
+])
+def test_inconsistent_shapes(k, v, fragments):
+    _raises_at_trace(lambda q: ATTEND(q, k, v, deterministic=True), ValueError, *fragments)
+
+
+def test_bias_and_mask_must_broadcast_to_the_weights():
+    _raises_at_trace(lambda q: ATTEND(q, KV, KV, bias=jnp.ones((4, 5)), deterministic=True),
+                     ValueError, "`bias` must broadcast", "(2, 2, 3, 5)", "(4, 5)")
+    _raises_at_trace(lambda q: ATTEND(q, KV, KV, mask=jnp.ones((2, 1, 2, 3, 5), bool)),
+                     ValueError, "`mask` must broadcast", "(2, 1, 2, 3, 5)")
+
+
+def test_other_bad_arguments():
+    _raises_at_trace(lambda q: ATTEND(q, KV, KV, deterministic="yes"), TypeError,
+                     "`deterministic`", "'yes'")
+    _raises_at_trace(lambda q: ATTEND(q, KV, KV, mask_bits=4), ValueError, "`mask_bits`", "4")
+    _raises_at_trace(lambda q: ATTEND(q, KV, KV, query_chunk_size=0), ValueError,
+                     "`query_chunk_size`", "0")
+    _raises_at_trace(lambda q: ATTEND(q, KV.astype(jnp.int32), KV), TypeError, "`key`",
+                     "int32")
+    _raises_at_trace(lambda q: ATTEND(q, KV, KV, qk_attn_weights_einsum=jnp.einsum,
+                                      attn_weights_value_einsum=jnp.einsum),
+                     ValueError, "`qk_attn_weights_einsum` is not supported")
