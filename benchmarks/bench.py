@@ -63,10 +63,10 @@ blocks, 15 BatchNorm, batch 16 of 32x32x3, width 8, SGD with momentum) and 2 pre
 Transformer blocks in the layout of Flax's WMT example (residual dropout, dropout in the MLP
 and attention dropout with ``broadcast_dropout=False``; Flax's
 ``MultiHeadDotProductAttention`` with ``dropout_rate`` against the same module with
-dropnorm's attention_fn; AdamW). Step time: ratio Flax / dropnorm, 21 rounds or more, with
-its spread; trace+compile time (:func:`time_trace_compile`): dropnorm / Flax, trace+lower
-and compile reported apart. The issue's targets are printed beside them (MLP >= 1.1x,
-ResNet >= 1.0x, Transformer >= 1.15x; trace+compile <= 1.15x).
+``attention_fn=dropnorm.dot_product_attention``; AdamW). Step time: ratio Flax / dropnorm,
+21 rounds or more, with its spread; trace+compile time (:func:`time_trace_compile`):
+dropnorm / Flax, trace+lower and compile reported apart. The issue's targets are printed
+beside them (MLP >= 1.1x, ResNet >= 1.0x, Transformer >= 1.15x; trace+compile <= 1.15x).
 
 Full runs also time dropnorm's dropout with the two other backward-pass memory policies
 (keeping a bit-packed or a bool mask instead of regenerating it from the key) and with
@@ -786,30 +786,6 @@ STEP_TARGETS = {"mlp": 1.1, "resnet": 1.0, "transformer": 1.15}  # Flax / dropno
 COMPILE_TARGET = 1.15  # dropnorm / Flax trace+compile time, every model (issue 14)
 
 
-def bench_attention(query, key, value, bias=None, mask=None, broadcast_dropout=True,
-                    dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
-                    precision=None, module=None, force_fp32_for_softmax=False):
-    """``flax.linen.dot_product_attention`` with dropnorm's dropout on the attention weights.
-
-    The weights are Flax's own (``dot_product_attention_weights`` with its dropout off), then
-    :func:`dropnorm.dropout` (one mask shared over the batch and head axes when
-    ``broadcast_dropout``, as Flax does), then the value einsum. Used until
-    ``dropnorm.dot_product_attention`` exists (:func:`dropnorm_attention_fn`).
-    """
-    w = nn.dot_product_attention_weights(
-        query, key, bias, mask, deterministic=True, dtype=dtype, precision=precision,
-        module=module, force_fp32_for_softmax=force_fp32_for_softmax)
-    if not deterministic and dropout_rate > 0.0:
-        dims = tuple(range(w.ndim - 2)) if broadcast_dropout else ()
-        w = dropnorm.dropout(dropout_rng, w, dropout_rate, True, broadcast_dims=dims)
-    return jnp.einsum("...hqk,...khd->...qhd", w, value.astype(w.dtype), precision=precision)
-
-
-def dropnorm_attention_fn() -> Callable:
-    """``dropnorm.dot_product_attention`` where the package has it, else :func:`bench_attention`."""
-    return getattr(dropnorm, "dot_product_attention", bench_attention)
-
-
 class _EncoderBlock(nn.Module):
     """A pre-LN Transformer encoder block in the layout of Flax's WMT example
     (``Encoder1DBlock``: attention dropout with ``broadcast_dropout=False``, dropout after the
@@ -895,7 +871,8 @@ def step_models(quick: bool = False) -> dict[str, dict]:
     mlp: :func:`twelve_layer_step` with ``optax.sgd(0.1, momentum=0.9)``; resnet:
     :class:`_ResNet` on one device (no ``axis_name``), cross-entropy, the same SGD;
     transformer: :class:`_Transformer` (pre-LN blocks, float32), cross-entropy per token,
-    ``optax.adamw(1e-3)``, Flax's attention dropout against :func:`dropnorm_attention_fn`.
+    ``optax.adamw(1e-3)``, Flax's attention (and its dropout) against
+    ``attention_fn=dropnorm.dot_product_attention``.
     Both steps of a model take the same ``args`` (the variables are the same tree).
     """
     import optax
@@ -930,7 +907,7 @@ def step_models(quick: bool = False) -> dict[str, dict]:
     t = sizes["transformer"]
     x = jnp.asarray(rng.standard_normal((t["batch"], t["length"], t["dim"])), jnp.float32)
     y = jnp.asarray(rng.integers(0, 16, (t["batch"], t["length"])), jnp.int32)
-    attn = dropnorm_attention_fn()
+    attn = dropnorm.dot_product_attention
     net = functools.partial(_Transformer, layers=t["layers"], heads=t["heads"], mlp=t["mlp"])
     tr = {"flax": _classifier_step(net(nn.Dropout, nn.dot_product_attention), x, y,
                                    optax.adamw(1e-3), stats=False)}
@@ -940,8 +917,7 @@ def step_models(quick: bool = False) -> dict[str, dict]:
         "label": f"{t['layers']} pre-LN Transformer blocks (attention + residual dropout "
                  f"{RATE}), batch "
                  f"{t['batch']}, length {t['length']}, width {t['dim']}, {t['heads']} heads, "
-                 f"MLP {t['mlp']}, AdamW; dropnorm's attention_fn: "
-                 f"{attn.__module__}.{attn.__name__}",
+                 f"MLP {t['mlp']}, AdamW; dropnorm: attention_fn=dropnorm.dot_product_attention",
         "sizes": t, "steps": {k: v[0] for k, v in tr.items()}, "args": tr["flax"][1]}
     a, b = (mlp[k][1] for k in ("dropnorm", "flax"))  # the same variables, initialised twice
     assert jax.tree.structure(a) == jax.tree.structure(b)
