@@ -73,17 +73,11 @@ def _keep(seed, rate, start, rows: int, static: _Static):
     return _masks.keep_from_bits(u, k, static.bits), _masks.inverse_keep(k, static.bits)
 
 
-def _rows(a, start, rows: int):
-    """Rows ``start .. start + rows`` of ``a`` along the query axis (-3 for queries, -2 for a
-    bias or mask); a bias or mask of one query row is shared by every chunk."""
-    return lax.dynamic_slice_in_dim(a, start, rows, a.ndim - 3)
-
-
 def _chunk(q, k, v, bias, mask, seed, rate, start, static: _Static):
     """Output rows ``start .. start + chunk`` (the whole output for one chunk)."""
     rows = static.chunk
-    if rows < static.n_q:
-        q = _rows(q, start, rows)
+    if rows < static.n_q:  # the chunk's rows of q, and of a bias or mask that has rows
+        q = lax.dynamic_slice_in_dim(q, start, rows, q.ndim - 3)
         if bias is not None and bias.shape[-2] != 1:
             bias = lax.dynamic_slice_in_dim(bias, start, rows, bias.ndim - 2)
         if mask is not None and mask.shape[-2] != 1:

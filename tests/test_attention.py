@@ -145,11 +145,16 @@ def test_gradients_are_autodiff_of_the_formula_with_the_same_mask():
         def ref(q, k, v, b):
             return jnp.vdot(ct, _jnp_reference(q, k, v, b, mask, mult))
 
-        want = jax.jit(jax.grad(ref, argnums=(0, 1, 2, 3)))(q, k, v, bias)
-        for chunk in (None, 2):  # one pass; a loop of chunks, the last overlapping
-            got = jax.jit(jax.grad(functools.partial(ours, chunk=chunk),
-                                   argnums=(0, 1, 2, 3)))(q, k, v, bias)
+        # a bias with rows is sliced per chunk; one shared by every row gathers its gradient
+        # over the chunks
+        row_bias = jnp.asarray(rng.normal(size=(2, 1, 1, 4)))
+        grad = functools.partial(jax.grad, argnums=(0, 1, 2, 3))
+        # one pass; a loop of chunks, the last overlapping the one before it
+        for chunk, b in ((None, bias), (2, bias), (2, row_bias)):
+            got = jax.jit(grad(functools.partial(ours, chunk=chunk)))(q, k, v, b)
+            want = jax.jit(grad(ref))(q, k, v, b)
             for g, w in zip(got, want, strict=True):
+                assert g.shape == w.shape
                 np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-10)
         # forward mode too (no custom rule: jax.jvp works)
         tangents = tuple(jnp.ones_like(a) for a in (q, k, v, bias))
