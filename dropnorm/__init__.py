@@ -3,6 +3,7 @@
 from dropnorm._attention import dot_product_attention as dot_product_attention
 from dropnorm._batch_norm import BatchNormParams as BatchNormParams
 from dropnorm._batch_norm import BatchNormState as BatchNormState
+from dropnorm._batch_norm import PopulationStats as PopulationStats
 from dropnorm._batch_norm import batch_norm as batch_norm
 from dropnorm._batch_norm import batch_norm_init as batch_norm_init
 from dropnorm._batch_norm import batch_renorm as batch_renorm
@@ -12,12 +13,16 @@ from dropnorm._dropout import drop_block as drop_block
 from dropnorm._dropout import drop_path as drop_path
 from dropnorm._dropout import dropout as dropout
 from dropnorm._dropout import gaussian_dropout as gaussian_dropout
+from dropnorm._population import population_stats_finalize as population_stats_finalize
+from dropnorm._population import population_stats_init as population_stats_init
+from dropnorm._population import recompute_batch_norm as recompute_batch_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNormParams",
     "BatchNormState",
+    "PopulationStats",
     "alpha_dropout",
     "batch_norm",
     "batch_norm_init",
@@ -28,4 +33,7 @@ __all__ = [
     "dropout",
     "fold_batch_norm",
     "gaussian_dropout",
+    "population_stats_finalize",
+    "population_stats_init",
+    "recompute_batch_norm",
 ]

@@ -19,6 +19,7 @@ from dropnorm._moments import (
     check_axis_index_groups,
     check_axis_name,
     ghost_layout,
+    merge_moments,
     re_dot,
     real_dtype,
     reducer,
@@ -85,6 +86,78 @@ class BatchNormState(NamedTuple):
     count: jax.Array  # (), int32: number of training updates so far
 
 
+class PopulationStats(NamedTuple):
+    """The exact statistics of every input a batch norm layer has seen, batch after batch.
+
+    Pass it to :func:`batch_norm` (or :func:`batch_renorm`) in place of a
+    ``BatchNormState``, with ``train=True``: the layer normalises by the batch's
+    statistics, as in training, and returns a new ``PopulationStats`` that adds
+    the batch's per-feature count, mean and ``M2`` (sum of squared deviations)
+    to the ones so far by Chan et al.'s pairwise update
+    ``M2 = M2_a + M2_b + delta^2 n_a n_b / n``. The mean is kept as
+    ``shift + mean_d``, the shift fixed at the first batch's mean, so it is
+    never rounded at the data's magnitude between batches.
+    :func:`population_stats_init` makes empty ones and
+    :func:`population_stats_finalize` turns them into a ``BatchNormState``;
+    :func:`recompute_batch_norm` does both around a loop over batches.
+
+    Attributes:
+      count: the number of values seen per feature, of the feature shape, in
+        the accumulation dtype (float32 unless asked otherwise: exact up to
+        2**24 values, then with a relative rounding of 6e-8).
+      shift: the first batch's mean, same shape (complex for complex input).
+      mean_d: the mean of everything seen minus ``shift``, shift's dtype.
+      m2: the sum of ``|x - mean|^2`` over everything seen, count's dtype.
+      updates: int32, the state's ``count`` shape (a scalar): the number of
+        batches merged, which becomes the new state's ``count`` (PyTorch's
+        ``update_bn`` leaves ``num_batches_tracked`` at the number of batches).
+
+    Examples:
+      >>> import jax.numpy as jnp, dropnorm
+      >>> params, state = dropnorm.batch_norm_init(1)
+      >>> stats = dropnorm.population_stats_init(state)
+      >>> for x in (jnp.array([[0.0], [2.0]]), jnp.array([[10.0], [12.0], [14.0]])):
+      ...     _, stats = dropnorm.batch_norm(params, stats, x, train=True)
+      >>> new = dropnorm.population_stats_finalize(stats, state)
+      >>> # of all five values 0, 2, 10, 12, 14:
+      >>> round(float(new.mean[0]), 4), round(float(new.var[0]), 4), int(new.count)
+      (7.6, 31.04, 2)
+
+    References:
+      Chan, Golub & LeVeque, "Updating Formulae and a Pairwise Algorithm for
+      Computing Sample Variances", 1979. Wu & Johnson, "Rethinking 'Batch' in
+      BatchNorm", 2021 (PreciseBN: population statistics after training).
+    """
+
+    count: jax.Array  # feature_shape, float32 (the accumulation dtype): values seen per feature
+    shift: jax.Array  # feature_shape, count's dtype (complex for complex input): 1st batch's mean
+    mean_d: jax.Array  # feature_shape, shift's dtype: the mean of all values seen, minus shift
+    m2: jax.Array  # feature_shape, count's dtype: sum of |x - mean|^2 over all values seen
+    updates: jax.Array  # the state count's shape ((), stacked layers: (layers,)), int32
+
+
+def _accumulate(stats: PopulationStats, x, mask, rough, lay, red: Reducer) -> PopulationStats:
+    """``stats`` with the batch ``x`` (over ``red``'s devices) merged in.
+
+    The batch's moments are those of ``x - centre``, ``centre`` the accumulator's shift (or,
+    for its first batch, ``rough``, a mean of this batch): exact in floating point for the
+    values within a factor 2 of it (Sterbenz), so the batch's mean is known at the scale of
+    the deviations, not rounded at the data's magnitude, before Chan's update merges it.
+    """
+    seen = stats.count > 0
+    centre = lax.stop_gradient(jnp.where(seen, stats.shift, rough.reshape(lay.feature_shape)))
+    dt = jnp.promote_types(stats_dtype(x.dtype), stats.count.dtype)
+    mean, var, count = batch_moments(x.astype(dt) - centre.reshape(lay.stats_shape).astype(dt),
+                                     lay.reduction_axes, mask=mask, red=red)
+    mean, var, count = (a.reshape(lay.feature_shape) for a in (mean, var, count))
+    n, mean_d, m2 = merge_moments(stats.count, stats.mean_d, stats.m2, count, mean, var * count)
+    mean_dtype = (jnp.result_type(stats.shift, centre) if jnp.iscomplexobj(centre)
+                  else stats.shift.dtype)
+    return PopulationStats(n.astype(stats.count.dtype), centre.astype(mean_dtype),
+                           mean_d.astype(mean_dtype), m2.astype(stats.m2.dtype),
+                           stats.updates + 1)
+
+
 def batch_norm_init(num_features, *, use_scale: bool = True, use_bias: bool = True,
                     dtype=jnp.float32) -> tuple[BatchNormParams, BatchNormState]:
     """Initial parameters (scale 1, bias 0) and state (mean 0, var 1, count 0).
@@ -148,7 +221,10 @@ def _layout(caller, params, state, x, axis) -> _Layout:
     reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     stats_shape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
-    named = [("state.mean", state.mean), ("state.var", state.var)]
+    if isinstance(state, PopulationStats):
+        named = [("state.shift", state.shift), ("state.m2", state.m2)]
+    else:
+        named = [("state.mean", state.mean), ("state.var", state.var)]
     if params is not None:
         named += [("params.scale", params.scale), ("params.bias", params.bias)]
     for name, value in named:
@@ -374,14 +450,16 @@ def _check_mask(fn, mask, x):
 
 def _check_params_state(fn, params, state):
     """Catch ``batch_norm(state, params, ...)`` and other non-state arguments early."""
-    if isinstance(params, BatchNormState) or isinstance(state, BatchNormParams):
+    states = (BatchNormState, PopulationStats)
+    if isinstance(params, states) or isinstance(state, BatchNormParams):
         raise TypeError(
             f"{fn}: `params` is a {type(params).__name__} and `state` a "
             f"{type(state).__name__}: the two look swapped. The parameters come first: "
             f"{fn}(params, state, x, train), as returned by batch_norm_init: "
             f"`params, state = batch_norm_init(num_features)`."
         )
-    if not all(hasattr(state, f) for f in BatchNormState._fields):
+    if not isinstance(state, PopulationStats) and not all(
+            hasattr(state, f) for f in BatchNormState._fields):
         raise TypeError(
             f"{fn}: `state` must be a BatchNormState(mean, var, count), e.g. from "
             f"batch_norm_init(num_features); got {type(state).__name__}."
@@ -401,6 +479,15 @@ def _core(caller, params, state, x, train, *, axis, momentum, epsilon, mask, axi
     _check_params_state(fn, params, state)
     x = _checks.check_floating(x, fn, caller.x_name, allow_complex=renorm is None)
     train = _checks.check_train(train, fn)
+    population = isinstance(state, PopulationStats)
+    if population:
+        if train is not True:
+            raise ValueError(
+                f"{fn}: `state` is a PopulationStats, which gathers the statistics of the "
+                f"batches a layer normalises in training mode, but `train`={train!r}. Pass "
+                f"train=True (a Python bool) while recomputing the statistics, and the "
+                f"finalised BatchNormState (population_stats_finalize) for evaluation.")
+        renorm = None  # every layer normalises by its batch's statistics (PreciseBN)
     momentum = _checks.check_momentum(momentum, fn, allow_none=True)
     epsilon = _checks.check_epsilon(epsilon, fn)
     names = check_axis_name(axis_name, fn)
@@ -460,12 +547,23 @@ def _core(caller, params, state, x, train, *, axis, momentum, epsilon, mask, axi
     red = reducer(None if virtual_batch_size is not None and span == 1 else axis_name, groups,
                   fn, span=span)
     spec = _Spec(red_axes, sshape, out_dtype, red, train is True and mask is None)
-    run_mean = state.mean.reshape(sshape).astype(dt)
-    run_var = state.var.reshape(sshape).astype(rdt)
+    if population:  # a feature with no valid element uses the statistics gathered so far
+        seen = state.count > 0
+        run_mean = jnp.where(seen, state.shift + state.mean_d, 0.0).reshape(sshape).astype(dt)
+        run_var = jnp.where(seen, state.m2 / jnp.maximum(state.count, 1.0), 1.0)
+        run_var = run_var.reshape(sshape).astype(rdt)
+    else:
+        run_mean = state.mean.reshape(sshape).astype(dt)
+        run_var = state.var.reshape(sshape).astype(rdt)
     bounds = None if renorm is None else tuple(jnp.asarray(b, rdt) for b in renorm)
     y, mean, var, count = _train_normalize(
         spec, xs, ms, scale, bias, jnp.asarray(epsilon, rdt), run_mean, run_var,
         None if train is True else train, bounds)
+    if population:  # the population is the whole (global) batch, whatever its ghost batches
+        whole = reducer(axis_name, None, fn)
+        rough = mean if virtual_batch_size is None and axis_index_groups is None else (
+            batch_moments(x, lay.reduction_axes, mask=mask, red=whole)[0])
+        return y.reshape(x.shape), _accumulate(state, x, mask, rough, lay, whole)
 
     # The running-average update, from the batch statistics (ghost batches: the average of
     # every ghost batch of the global batch).

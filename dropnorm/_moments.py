@@ -408,3 +408,16 @@ def ghost_layout(x_shape, reduction_axes, virtual_batch_size: int, size: int, di
     )
 
 
+def merge_moments(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan's pairwise update: ``(count, mean, M2)`` of two sets of values together.
+
+    Per feature, both means taken about the same centre (the caller subtracts it from
+    the data first, so that no mean is rounded at the data's magnitude). With
+    ``n = n_a + n_b`` and ``delta = mean_b - mean_a``: ``mean = mean_a + delta n_b / n``
+    and ``M2 = M2_a + M2_b + |delta|^2 n_a n_b / n`` (Chan, Golub & LeVeque 1979), a sum
+    of non-negative terms: nothing cancels. An empty set (count 0) changes nothing.
+    """
+    n = count_a + count_b
+    delta = mean_b - mean_a
+    w = count_b / jnp.maximum(n, 1.0)
+    return n, mean_a + delta * w, m2_a + m2_b + abs2(delta) * (count_a * w)
