@@ -40,6 +40,7 @@ where every difference from Flax comes from:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 
 try:
     from flax import linen as nn
+    from flax.core import unfreeze
     from flax.linen import dtypes
 except ModuleNotFoundError as _err:  # only a missing Flax gets the install hint
     if (_err.name or "").partition(".")[0] != "flax":
@@ -60,8 +62,11 @@ from dropnorm._batch_norm import BatchNormParams, BatchNormState, batch_norm_as,
 from dropnorm._checks import Caller
 from dropnorm._dropout import random_map_as
 from dropnorm._masks import DEFAULT_BITS
+from dropnorm._moments import real_dtype
+from dropnorm._population import cached_step, empty_stats, finalize, fold_batches
 
-__all__ = ["AlphaDropout", "BatchNorm", "BatchRenorm", "DropPath", "Dropout", "GaussianDropout"]
+__all__ = ["AlphaDropout", "BatchNorm", "BatchRenorm", "DropPath", "Dropout", "GaussianDropout",
+           "recompute_batch_norm"]
 
 # A key for the one case where Flax draws no key but the pure function needs one: a static
 # rate of 1 drops everything whatever the key, and Flax returns zeros without touching the
@@ -456,3 +461,194 @@ class DropPath(nn.Module):
         return _random_call(self, "drop_path", inputs, deterministic, rng,
                             mask_bits=self.mask_bits)
 
+
+# -- population statistics (PreciseBN) ---------------------------------------------------------
+
+_RECOMPUTE = "dropnorm.linen.recompute_batch_norm"
+_POPULATION = "dropnorm_population"  # each layer's accumulator, in its batch_stats while running
+
+
+def _is_random_layer(module) -> bool:
+    """Dropout, and dropnorm's modules that draw from an RNG stream (DropPath, ...)."""
+    return isinstance(module, nn.Dropout) or (
+        type(module).__module__ == __name__ and hasattr(module, "rng_collection"))
+
+
+def _population_call(module, x, use_running_average=None, *, mask=None):
+    """A BatchNorm layer (Flax's or dropnorm's) while recomputing: normalised by the batch's
+    statistics, which are added to the layer's PopulationStats."""
+    del use_running_average  # the batch's statistics whatever the flag (PreciseBN)
+    path = "/".join(str(p) for p in module.scope.path) or type(module).__name__
+    caller = Caller(f"{_RECOMPUTE} (layer {path})", x_name="x", flax_small_batch=True)
+    if _checks.is_key(x):
+        _checks.check_floating(x, caller.fn)
+    x = jnp.asarray(x)
+    feature_axes = _checks.normalize_axes(module.axis, x.ndim, caller.fn)
+    scale = module.get_variable("params", "scale") if module.use_scale else None
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    for name, used, value in (("scale", module.use_scale, scale),
+                              ("bias", module.use_bias, bias)):
+        if used and value is None:
+            raise ValueError(
+                f"{caller.fn}: `variables` has no params for {path}/{name}. Pass the "
+                f"variables of the trained model (model.init's structure, with batch_stats).")
+    out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=module.dtype)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.promote_types(out_dtype, jnp.float32))
+    stats = module.get_variable("batch_stats", _POPULATION)
+    if stats is None:
+        stats = empty_stats(tuple(x.shape[a] for a in feature_axes), x.dtype, real_dtype(x.dtype))
+    xb, maskb, axis = x, mask, module.axis
+    if len(feature_axes) == x.ndim:  # as the module: a batch of one
+        xb, maskb, axis = _batch_of_one(x, mask, feature_axes)
+    y, stats = batch_norm_as(caller, BatchNormParams(scale, bias), stats, xb, True, axis=axis,
+                             epsilon=module.epsilon, mask=maskb, dtype=out_dtype)
+    module.put_variable("batch_stats", _POPULATION, stats)
+    return y.reshape(x.shape)
+
+
+def _population_interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__":
+        if isinstance(module, nn.BatchNorm):
+            return _population_call(module, *args, **kwargs)
+        if _is_random_layer(module):  # dropout off: the inputs evaluation will see
+            return args[0] if args else kwargs["inputs"]
+    return next_fun(*args, **kwargs)
+
+
+def _population_paths(tree, path=()):
+    """``(path, layer's batch_stats dict)`` for every layer that holds an accumulator."""
+    if _POPULATION in tree:
+        yield path, tree
+    for key, value in tree.items():
+        if key != _POPULATION and isinstance(value, dict):
+            yield from _population_paths(value, path + (key,))
+
+
+def _with_empty(batch_stats, shapes):
+    """``batch_stats`` plus zero accumulators shaped as in ``shapes`` (an eval_shape)."""
+    out = dict(batch_stats)
+    for key, value in shapes.items():
+        if key == _POPULATION:
+            out[key] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), value)
+        elif isinstance(value, dict):
+            out[key] = _with_empty(batch_stats.get(key, {}), value)
+    return out
+
+
+def _finalized(batch_stats):
+    """``batch_stats`` with every accumulator turned into the layer's mean, var (and count)."""
+    out = {}
+    for key, value in batch_stats.items():
+        if key == _POPULATION:
+            continue
+        out[key] = _finalized(value) if isinstance(value, dict) else value
+    stats = batch_stats.get(_POPULATION)
+    if stats is not None:
+        state = BatchNormState(batch_stats["mean"], batch_stats["var"],
+                               batch_stats.get("count", jnp.zeros_like(stats.updates)))
+        new = finalize(stats, state, False, _RECOMPUTE)
+        out["mean"], out["var"] = new.mean, new.var
+        if "count" in batch_stats:
+            out["count"] = new.count
+    return out
+
+
+def _population_step(model, method, apply_kwargs):
+    def step(variables, batch):
+        with nn.intercept_methods(_population_interceptor):
+            _, updates = model.apply(variables, batch, method=method, mutable=["batch_stats"],
+                                     **apply_kwargs)
+        return updates.get("batch_stats", {})
+
+    return step
+
+
+def recompute_batch_norm(model: nn.Module, variables: Any, batches: Any, *, method=None,
+                         **apply_kwargs) -> dict:
+    """Recompute every BatchNorm layer's statistics over ``batches`` (PreciseBN, for SWA).
+
+    Variables in, variables out: runs ``model.apply(variables, batch, method=method,
+    **apply_kwargs)`` on each batch with every ``flax.linen.BatchNorm`` (Flax's,
+    :class:`BatchNorm`, :class:`BatchRenorm`) normalising by its batch's
+    statistics and adding the batch's moments to exact population statistics,
+    then returns ``variables`` with each layer's ``batch_stats`` ``mean`` and
+    ``var`` set to the mean and biased variance of all its inputs over all
+    batches (and ``count``, where a layer keeps one, to the number of
+    batches); see :func:`dropnorm.recompute_batch_norm` for the formula and how
+    it differs from PyTorch's ``update_bn``.
+
+    The layers are found with ``nn.intercept_methods``, so the model needs no
+    change: pass its evaluation flags (``train=False``) in ``apply_kwargs``.
+    While recomputing, every BatchNorm uses its batch's statistics whatever its
+    ``use_running_average``, over the whole batch it is given (no
+    ``axis_name``, ``axis_index_groups`` or ghost batches; batch
+    renormalisation without its corrections), and ``flax.linen.Dropout`` and
+    dropnorm's random modules are the identity: at evaluation the layers see
+    inputs without dropout, so their statistics should too. Layers the forward
+    does not call keep their statistics. Each step runs under ``jax.jit``.
+
+    Args:
+      model: the ``flax.linen`` Module.
+      variables: its variables (``params``, ``batch_stats``, ...), e.g. with
+        averaged ``params``.
+      batches: a non-empty iterable of batches, each passed to ``model.apply``
+        as its first input.
+      method: passed to ``model.apply`` (a method, its name, or a function of
+        ``(module, batch)``).
+      **apply_kwargs: passed to ``model.apply``, e.g. ``train=False``.
+
+    Returns:
+      A new variables dict: ``variables`` with the recomputed ``batch_stats``.
+
+    Raises:
+      ValueError: ``batches`` empty; a model that calls no BatchNorm layer;
+        ``variables`` without a layer's params.
+      TypeError: ``model`` not a linen Module; ``batches`` an array or not
+        iterable.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import flax.linen as nn
+      >>> from dropnorm import linen as dnn
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train: bool):
+      ...         x = dnn.BatchNorm(use_running_average=not train)(nn.Dense(4)(x))
+      ...         return nn.Dense(2)(dnn.Dropout(0.5, deterministic=not train)(x))
+      >>> xs = jax.random.normal(jax.random.key(0), (3, 8, 5))  # three batches of 8
+      >>> variables = Net().init(jax.random.key(1), xs[0], train=False)
+      >>> new = dnn.recompute_batch_norm(Net(), variables, list(xs), train=False)
+      >>> h = xs.reshape(24, 5) @ variables["params"]["Dense_0"]["kernel"]
+      >>> bool(jnp.allclose(new["batch_stats"]["BatchNorm_0"]["mean"], h.mean(0), atol=1e-5))
+      True
+
+    References:
+      Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021 (PreciseBN).
+      Izmailov et al., "Averaging Weights Leads to Wider Optima and Better
+      Generalization", UAI 2018 (SWA).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{_RECOMPUTE}: `model` must be a flax.linen Module; got "
+                        f"{type(model).__name__}.")
+    if not isinstance(variables, Mapping):
+        raise TypeError(f"{_RECOMPUTE}: `variables` must be the model's variables dict "
+                        f"(from model.init); got {type(variables).__name__}.")
+    variables = unfreeze(variables)
+    key = ("linen", model, method, tuple(sorted(apply_kwargs.items())))
+    step, jitted = cached_step(key, lambda: _population_step(model, method, apply_kwargs))
+
+    def start(first):
+        shapes = jax.eval_shape(step, variables, first)
+        if not any(True for _ in _population_paths(shapes)):
+            raise ValueError(
+                f"{_RECOMPUTE}: `model` ({type(model).__name__}) called no BatchNorm layer "
+                f"(flax.linen.BatchNorm, dropnorm.linen.BatchNorm or BatchRenorm) on the first "
+                f"batch, so there are no statistics to recompute.")
+        return _with_empty(variables.get("batch_stats", {}), shapes)
+
+    batch_stats, _ = fold_batches(_RECOMPUTE, batches, start,
+                                  lambda bs, batch: jitted({**variables, "batch_stats": bs},
+                                                           batch))
+    return {**variables, "batch_stats": _finalized(batch_stats)}

@@ -74,8 +74,11 @@ from dropnorm._batch_norm import BatchNormParams, BatchNormState, batch_norm_as,
 from dropnorm._checks import Caller
 from dropnorm._dropout import random_map_as
 from dropnorm._masks import DEFAULT_BITS
+from dropnorm._moments import real_dtype
+from dropnorm._population import cached_step, empty_stats, finalize, fold_batches, unreached
 
-__all__ = ["AlphaDropout", "BatchNorm", "BatchRenorm", "DropPath", "Dropout", "GaussianDropout"]
+__all__ = ["AlphaDropout", "BatchNorm", "BatchRenorm", "DropPath", "Dropout", "GaussianDropout",
+           "recompute_batch_norm"]
 
 _ZEROS = initializers.zeros_init()  # Flax's defaults
 _ONES = initializers.ones_init()
@@ -625,3 +628,199 @@ class DropPath(Dropout):
 
     def _extra(self):
         return {"mask_bits": self.mask_bits}
+
+
+# --- population statistics (PreciseBN): recomputed over many batches, written in place ------
+
+_RECOMPUTE = "dropnorm.nnx.recompute_batch_norm"
+_GATHERING: dict[int, list] = {}  # while a step traces: id(layer of the copy) -> [name, stats]
+_SWAPPED: dict[tuple[type, bool], type] = {}
+
+
+def _population_call(self, x, use_running_average=None, *, mask=None):
+    """A BatchNorm layer (Flax's or dropnorm's) while recomputing: normalised by the batch's
+    statistics, which are added to the layer's PopulationStats."""
+    del use_running_average  # the batch's statistics whatever the flag (PreciseBN)
+    entry = _GATHERING.get(id(self))
+    if entry is None:
+        raise NotImplementedError(
+            f"{_RECOMPUTE}: a BatchNorm layer was called inside an NNX transform (nnx.scan, "
+            f"nnx.vmap, nnx.remat, ...) of the model's forward, where its statistics cannot "
+            f"be followed; call the layers directly in `call`.")
+    name, stats = entry
+    caller = Caller(f"{_RECOMPUTE} (layer {name})", x_name="x", flax_small_batch=True)
+    if _checks.is_key(x):
+        _checks.check_floating(x, caller.fn)
+    x = jnp.asarray(x)
+    axes = _checks.normalize_axes(self.axis, x.ndim, caller.fn)
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    # Flax's dtype rule, as the modules apply it (see _BatchNormShell.__call__).
+    x, _, _, scale_p, bias_p = self.promote_dtype(
+        (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+    out_dtype = dtypes.canonicalize_dtype(x, scale_p, bias_p, dtype=self.dtype)
+    scale, bias = (_unpromoted(p, v) for p, v in ((scale_p, scale), (bias_p, bias)))
+    if stats is None:
+        stats = empty_stats(tuple(x.shape[a] for a in axes), x.dtype, real_dtype(x.dtype))
+    xb, maskb, axis = x, mask, self.axis
+    if len(axes) == x.ndim:  # as the module: a batch of one
+        xb, maskb, axis = _batch_of_one(x, mask, axes)
+    y, entry[1] = batch_norm_as(caller, BatchNormParams(scale, bias), stats, xb, True,
+                                axis=axis, epsilon=self.epsilon, mask=maskb, dtype=out_dtype)
+    return y.reshape(x.shape)
+
+
+def _identity_call(self, inputs, *args, **kwargs):
+    """A dropout layer while recomputing: off, whatever its flags (evaluation's inputs)."""
+    return inputs
+
+
+def _swap(module, batch_norm: bool) -> None:
+    """Give ``module`` (a layer of the step's private copy) the recomputing ``__call__``.
+
+    Its class becomes a subclass that overrides only ``__call__``: that catches every call,
+    however the model reaches the layer (attributes, lists, shared layers, closures).
+    """
+    cls = type(module)
+    key = (cls, batch_norm)
+    if key not in _SWAPPED:
+        _SWAPPED[key] = type(cls)(cls.__name__, (cls,), {
+            "__call__": _population_call if batch_norm else _identity_call,
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    object.__setattr__(module, "__class__", _SWAPPED[key])
+
+
+def _call_model(model, batch):
+    return model(batch)
+
+
+def _population_step(graphdef, call):
+    """One batch on a private copy of the model: every BatchNorm gathers, dropout is off."""
+
+    def step(state, stats, batch):
+        copy = nnx.merge(graphdef, state)
+        copy.set_attributes(deterministic=True, raise_if_not_found=False)
+        gathering = {}
+        for path, m in nnx.iter_modules(copy):
+            if isinstance(m, nnx.BatchNorm) and id(m) not in gathering:
+                name = _layer_name(path)
+                gathering[id(m)] = [name, stats[name]]
+                _swap(m, True)
+            elif isinstance(m, nnx.Dropout):
+                _swap(m, False)
+        _GATHERING.update(gathering)
+        try:
+            call(copy, batch)
+        finally:
+            for k in gathering:
+                del _GATHERING[k]
+        return {name: s for name, s in gathering.values()}
+
+    return step
+
+
+def _layer_name(path) -> str:
+    return ".".join(str(p) for p in path) or "(the model itself)"
+
+
+def recompute_batch_norm(model: nnx.Module, batches: Any, *, call=None) -> None:
+    """Recompute every BatchNorm layer's statistics over ``batches``, in place (PreciseBN).
+
+    Runs ``call(model, batch)`` (default ``model(batch)``) on each batch, with
+    every ``nnx.BatchNorm`` (Flax's, :class:`BatchNorm`, :class:`BatchRenorm`)
+    normalising by its batch's statistics and adding the batch's moments to
+    exact population statistics; then sets each layer's ``mean`` and ``var``
+    to the mean and biased variance of all its inputs over all batches (and
+    ``count``, where a layer keeps one, to the number of batches), as NNX
+    updates state: in place. See :func:`dropnorm.recompute_batch_norm` for the
+    formula and how it differs from PyTorch's ``update_bn``.
+
+    Each step runs under ``jax.jit`` on a private copy of the model (``nnx.split``
+    / ``nnx.merge``), so nothing else in ``model`` changes: not its flags, RNG
+    counters or other state. In the copy every BatchNorm uses its batch's
+    statistics whatever ``use_running_average``, over the whole batch it is
+    given (no ``axis_name``, ``axis_index_groups`` or ghost batches; batch
+    renormalisation without its corrections), and dropout is off
+    (``nnx.Dropout`` and its subclasses are the identity; every other layer
+    gets ``deterministic=True``): at evaluation the layers see inputs without
+    dropout, so their statistics should too. The layers must be called
+    directly by the forward, not inside an NNX transform (``nnx.scan``, ...).
+
+    Args:
+      model: the ``flax.nnx`` Module (e.g. with averaged weights).
+      batches: a non-empty iterable of batches.
+      call: ``(model, batch) -> anything``, how to run the model on a batch;
+        default ``model(batch)``.
+
+    Returns:
+      None: ``model``'s BatchNorm statistics are updated in place.
+
+    Raises:
+      ValueError: ``batches`` empty; ``model`` without an ``nnx.BatchNorm``;
+        a BatchNorm layer the forward did not call.
+      TypeError: ``model`` not an NNX Module; ``batches`` an array or not
+        iterable.
+      NotImplementedError: a BatchNorm layer called inside an NNX transform.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dropnorm import nnx as dnx
+      >>> model = nnx.Sequential(nnx.Linear(5, 4, rngs=nnx.Rngs(0)),
+      ...                        dnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+      >>> xs = jax.random.normal(jax.random.key(0), (3, 8, 5))  # three batches of 8
+      >>> dnx.recompute_batch_norm(model, list(xs))
+      >>> h = model.layers[0](xs.reshape(24, 5))
+      >>> bool(jnp.allclose(model.layers[1].mean[...], h.mean(0), atol=1e-5))
+      True
+
+    References:
+      Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021 (PreciseBN).
+      Izmailov et al., "Averaging Weights Leads to Wider Optima and Better
+      Generalization", UAI 2018 (SWA).
+    """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"{_RECOMPUTE}: `model` must be a flax.nnx Module; got "
+                        f"{type(model).__name__}.")
+    call = _call_model if call is None else call
+    if not callable(call):
+        raise TypeError(f"{_RECOMPUTE}: `call` must be a function (model, batch) -> output, "
+                        f"or None for model(batch); got {call!r}.")
+    layers = {}
+    for path, m in nnx.iter_modules(model):
+        if isinstance(m, nnx.BatchNorm) and all(m is not n for n in layers.values()):
+            layers[_layer_name(path)] = m
+    if not layers:
+        raise ValueError(
+            f"{_RECOMPUTE}: `model` ({type(model).__name__}) has no BatchNorm layer "
+            f"(flax.nnx.BatchNorm, dropnorm.nnx.BatchNorm or BatchRenorm), so there are no "
+            f"statistics to recompute.")
+    graphdef, state = nnx.split(model)
+    step, jitted = cached_step(("nnx", graphdef, call),
+                               lambda: _population_step(graphdef, call))
+
+    def start(first):
+        none = {name: None for name in layers}
+        shapes = jax.eval_shape(step, state, none, first)
+        return {name: empty_stats(m.mean[...].shape, m.mean[...].dtype, jnp.float32)
+                if shapes[name] is None else
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[name])
+                for name, m in layers.items()}
+
+    stats, _ = fold_batches(_RECOMPUTE, batches, start, lambda s, b: jitted(state, s, b))
+    missing = unreached(stats)
+    if missing:
+        raise ValueError(
+            f"{_RECOMPUTE}: the BatchNorm layers {', '.join(missing)} of `model` were not "
+            f"called on the batches, so they have no statistics to recompute: make `call` run "
+            f"every BatchNorm layer of the model.")
+    for name, m in layers.items():
+        count = getattr(m, "count", None)
+        counted = isinstance(count, nnx.Variable)
+        old = BatchNormState(m.mean[...], m.var[...],
+                             count[...] if counted else jnp.zeros((), jnp.int32))
+        new = finalize(stats[name], old, False, _RECOMPUTE)
+        _store(m.mean, new.mean)
+        _store(m.var, new.var)
+        if counted:
+            count[...] = new.count
