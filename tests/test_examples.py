@@ -274,3 +274,23 @@ def test_variance_shift_is_measured_where_dropout_feeds_batchnorm():
     trainer = _train.Trainer(_train.Config(batch_norm=False, steps=5), d.x[:300], d.y[:300],
                              d.x_test[:100], d.y_test[:100])
     assert "var_ratio" not in trainer.evaluate(trainer.init([0]))
+
+
+def test_swa_example_recomputes_the_statistics_of_the_averaged_weights(capsys):
+    swa = _load_script("swa_precise_bn")
+    res = swa.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "| SWA | recomputed |" in out and "swa_recomputed_accuracy=" in out
+    assert [(r["weights"], r["statistics"]) for r in res["rows"]] == list(swa.ROWS)
+    assert res["snapshots"] == 2 and all(0.2 < r["mean"] <= 1.0 for r in res["rows"])
+    # The recomputed statistics of the first BatchNorm are the float64 population statistics
+    # of its inputs under the averaged weights, over the whole (quick) training set; float32
+    # forward of values of order 1-10: 1e-5 is ~100 ulps.
+    params = jax.tree.map(lambda a: a[0], res["swa_params"])
+    stats = jax.tree.map(lambda a: a[0], res["swa_stats"])
+    _, inter = res["trainer"].model.apply({"params": params, "batch_stats": stats}, res["x"],
+                                          train=False, mutable=["intermediates"])
+    h = np.asarray(inter["intermediates"]["bn_in0"][0], np.float64)
+    np.testing.assert_allclose(np.asarray(stats["BatchNorm_0"]["mean"]), h.mean(0),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats["BatchNorm_0"]["var"]), h.var(0), rtol=1e-5)
