@@ -383,7 +383,7 @@ def drop_path(key, x, rate, train, *, mask_bits: int = _masks.DEFAULT_BITS) -> j
     return random_map_as("drop_path", "drop_path", key, x, rate, train, mask_bits=mask_bits)
 
 
-def _check_drop_block_args(fn, x, block_size, spatial_axes, channel_axis):
+def _check_drop_block_args(fn, x, block_size, spatial_axes, channel_axis, x_name="x"):
     """The block's extent along every axis of x, and the axes that share the mask."""
     spatial = _checks.normalize_axes(spatial_axes, x.ndim, fn, "spatial_axes")
     if not spatial:
@@ -408,7 +408,7 @@ def _check_drop_block_args(fn, x, block_size, spatial_axes, channel_axis):
         if b > x.shape[a]:
             raise ValueError(
                 f"{fn}: `block_size`={block_size!r} is larger than the feature map: axis {a} "
-                f"has size {x.shape[a]} (x.shape={tuple(x.shape)}). Use a block of at most "
+                f"has size {x.shape[a]} ({x_name}.shape={tuple(x.shape)}). Use a block of at most "
                 f"{x.shape[a]}, or check `spatial_axes`={spatial_axes!r}.")
     block = [1] * x.ndim
     for a, b in zip(spatial, sizes, strict=True):
@@ -484,7 +484,7 @@ def drop_block_as(caller, key, x, rate, train, *, block_size, spatial_axes=(1, 2
     _check_not_swapped(caller, key, x)
     x = _checks.check_floating(x, caller.fn, caller.x_name)
     block, channel = _check_drop_block_args(caller.fn, x, block_size, spatial_axes,
-                                            channel_axis)
+                                            channel_axis, caller.x_name)
     if share_channels and channel is None:
         raise ValueError(f"{caller.fn}: `share_channels`=True needs a `channel_axis`.")
     bdims = (channel,) if share_channels else ()

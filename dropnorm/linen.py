@@ -60,13 +60,13 @@ except ModuleNotFoundError as _err:  # only a missing Flax gets the install hint
 from dropnorm import _checks
 from dropnorm._batch_norm import BatchNormParams, BatchNormState, batch_norm_as, batch_renorm_as
 from dropnorm._checks import Caller
-from dropnorm._dropout import random_map_as
+from dropnorm._dropout import drop_block_as, random_map_as
 from dropnorm._masks import DEFAULT_BITS
 from dropnorm._moments import real_dtype
 from dropnorm._population import cached_step, empty_stats, finalize, fold_batches
 
-__all__ = ["AlphaDropout", "BatchNorm", "BatchRenorm", "DropPath", "Dropout", "GaussianDropout",
-           "recompute_batch_norm"]
+__all__ = ["AlphaDropout", "BatchNorm", "BatchRenorm", "DropBlock", "DropPath", "Dropout",
+           "GaussianDropout", "recompute_batch_norm"]
 
 # A key for the one case where Flax draws no key but the pure function needs one: a static
 # rate of 1 drops everything whatever the key, and Flax returns zeros without touching the
@@ -310,6 +310,9 @@ def _random_call(module, kind, inputs, deterministic, rng, **kw):
     train = _train_from(deterministic, caller, "deterministic")
     rate = _checks.check_rate(module.rate, caller.fn)
     if train is False or (isinstance(rate, float) and rate == 0.0):
+        if kind == "block":  # the block's arguments are checked in evaluation too
+            _check_not_swapped(caller, inputs, rng, "rng")
+            drop_block_as(caller, None, inputs, rate, False, **kw)
         return inputs
     _check_not_swapped(caller, inputs, rng, "rng")
     if rng is None:
@@ -319,6 +322,8 @@ def _random_call(module, kind, inputs, deterministic, rng, **kw):
             rng = module.make_rng(module.rng_collection)
     else:
         rng = _check_rng(caller, rng, "rng")
+    if kind == "block":
+        return drop_block_as(caller, rng, inputs, module.rate, train, **kw)
     return random_map_as(caller, kind, rng, inputs, module.rate, train, **kw)
 
 
@@ -652,3 +657,62 @@ def recompute_batch_norm(model: nn.Module, variables: Any, batches: Any, *, meth
                                   lambda bs, batch: jitted({**variables, "batch_stats": bs},
                                                            batch))
     return {**variables, "batch_stats": _finalized(batch_stats)}
+
+
+class DropBlock(nn.Module):
+    """DropBlock: drop contiguous regions of feature maps (:func:`dropnorm.drop_block`); not in
+    Flax.
+
+    Every position of every feature map is a seed; each dropped seed drops the
+    ``block_size x block_size`` block centred on it, with the seed probability chosen so
+    that a fraction ``rate`` of the interior is dropped, and the survivors are scaled by
+    ``1 / (1 - rate)``. Use it like timm's ``DropBlock2d``, after a convolution:
+    ``x = DropBlock(0.1, 7)(x, deterministic=not train)``. RNG use, flag merging and call
+    as :class:`Dropout` (one key from ``make_rng(rng_collection)`` per training call).
+    Not a ``flax.linen.Dropout`` subclass (it has no ``broadcast_dims``). The block's
+    arguments are checked in evaluation too, so a model that evaluates also trains.
+
+    Attributes:
+      rate: the fraction of the (interior) feature map to drop, in [0, 1].
+      block_size: the block's size: an int, or a tuple of one per spatial axis; at most
+        the feature map's size.
+      deterministic: True to return the input unchanged.
+      spatial_axes: the feature map's axes (default ``(1, 2)``: NHWC).
+      channel_axis: the channel axis (default -1), or None.
+      share_channels: one mask for every channel of an example, instead of one per
+        channel.
+      rng_collection: the RNG stream to draw keys from.
+      mask_bits: 8, 16 or 32: the resolution of the seeds' keep probability.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dropnorm import linen as dnn
+      >>> x = jnp.ones((2, 16, 16, 3))
+      >>> y = dnn.DropBlock(0.2, block_size=5).apply({}, x, deterministic=False,
+      ...                                            rngs={'dropout': jax.random.key(0)})
+      >>> sorted(set(jnp.round(y, 3).ravel().tolist()))  # survivors scaled by 1 / (1 - rate)
+      [0.0, 1.25]
+      >>> bool(jnp.all(dnn.DropBlock(0.2, 5).apply({}, x, deterministic=True) == x))
+      True
+
+    References:
+      Ghiasi, Lin & Le, "DropBlock: A regularization method for convolutional networks",
+      NeurIPS 2018.
+    """
+
+    rate: float
+    block_size: int | tuple[int, ...]
+    deterministic: bool | None = None
+    spatial_axes: tuple[int, ...] = (1, 2)
+    channel_axis: int | None = -1
+    share_channels: bool = False
+    rng_collection: str = "dropout"
+    mask_bits: int = DEFAULT_BITS
+
+    @nn.compact
+    def __call__(self, inputs, deterministic: bool | None = None, rng=None):
+        """Apply DropBlock; arguments as :meth:`Dropout.__call__`."""
+        return _random_call(self, "block", inputs, deterministic, rng,
+                            block_size=self.block_size, spatial_axes=self.spatial_axes,
+                            channel_axis=self.channel_axis,
+                            share_channels=self.share_channels, mask_bits=self.mask_bits)

@@ -72,13 +72,13 @@ except ModuleNotFoundError as _err:  # only a missing Flax gets the install hint
 from dropnorm import _checks
 from dropnorm._batch_norm import BatchNormParams, BatchNormState, batch_norm_as, batch_renorm_as
 from dropnorm._checks import Caller
-from dropnorm._dropout import random_map_as
+from dropnorm._dropout import drop_block_as, random_map_as
 from dropnorm._masks import DEFAULT_BITS
 from dropnorm._moments import real_dtype
 from dropnorm._population import cached_step, empty_stats, finalize, fold_batches, unreached
 
-__all__ = ["AlphaDropout", "BatchNorm", "BatchRenorm", "DropPath", "Dropout", "GaussianDropout",
-           "recompute_batch_norm"]
+__all__ = ["AlphaDropout", "BatchNorm", "BatchRenorm", "DropBlock", "DropPath", "Dropout",
+           "GaussianDropout", "recompute_batch_norm"]
 
 _ZEROS = initializers.zeros_init()  # Flax's defaults
 _ONES = initializers.ones_init()
@@ -525,6 +525,7 @@ class Dropout(nnx.Dropout):
                 f"{fn}: `inputs` is a PRNG key ({inputs.dtype}), not data: were `inputs` and "
                 f"`rngs` swapped? Call the layer on the array to drop, and pass the key as "
                 f"`rngs`.")
+        self._check_args(caller, inputs)
         if train is False or (isinstance(rate, float) and rate == 0.0):
             return inputs
         if self._kind == "dropout" and isinstance(rate, float) and rate == 1.0:
@@ -546,6 +547,12 @@ class Dropout(nnx.Dropout):
             else:
                 raise TypeError(f"{fn}: `rngs` must be an nnx.Rngs, an nnx.RngStream or a key; "
                                 f"got {type(rngs).__name__}.")
+        return self._drop(caller, key, inputs, train)
+
+    def _check_args(self, caller, inputs) -> None:
+        """Checks of the layer's arguments that run in evaluation too (none here)."""
+
+    def _drop(self, caller, key, inputs, train):
         return random_map_as(caller, self._kind, key, inputs, self.rate, train, **self._extra())
 
 
@@ -824,3 +831,79 @@ def recompute_batch_norm(model: nnx.Module, batches: Any, *, call=None) -> None:
         _store(m.var, new.var)
         if counted:
             count[...] = new.count
+
+
+class DropBlock(Dropout):
+    """DropBlock: drop contiguous regions of feature maps (:func:`dropnorm.drop_block`); not in
+    Flax.
+
+    Every position of every feature map is a seed; each dropped seed drops the
+    ``block_size x block_size`` block centred on it, with the seed probability chosen so
+    that a fraction ``rate`` of the interior is dropped, and the survivors are scaled by
+    ``1 / (1 - rate)``. An ``nnx.Dropout`` subclass with :class:`Dropout`'s RNG use and
+    call, so ``model.train()`` / ``model.eval()``, ``nnx.view(model, only=nnx.Dropout,
+    deterministic=...)`` and ``set_attributes(nnx.Dropout, ...)`` switch it. The block's
+    arguments are checked in evaluation too, so a model that evaluates also trains.
+
+    Args:
+      rate: the fraction of the (interior) feature map to drop, in [0, 1].
+      block_size: the block's size: an int, or a tuple of one per spatial axis; at most
+        the feature map's size.
+      spatial_axes: the feature map's axes (default ``(1, 2)``: NHWC).
+      channel_axis: the channel axis (default -1), or None.
+      share_channels: one mask for every channel of an example, instead of one per
+        channel.
+      deterministic: True to return the input unchanged.
+      rng_collection: the stream of ``rngs`` to fork.
+      rngs: an ``nnx.Rngs`` or ``nnx.RngStream`` (or None: pass one at call time).
+      mask_bits: 8, 16 or 32: the resolution of the seeds' keep probability.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from dropnorm import nnx as dnx
+      >>> drop = dnx.DropBlock(0.2, block_size=5, rngs=nnx.Rngs(dropout=0))
+      >>> x = jnp.ones((2, 16, 16, 3))
+      >>> sorted(set(jnp.round(drop(x), 3).ravel().tolist()))  # scaled by 1 / (1 - rate)
+      [0.0, 1.25]
+      >>> drop.eval()
+      >>> bool(jnp.all(drop(x) == x))
+      True
+
+    References:
+      Ghiasi, Lin & Le, "DropBlock: A regularization method for convolutional networks",
+      NeurIPS 2018.
+    """
+
+    _kind = "block"
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        block_size: int | tuple[int, ...],
+        spatial_axes: Sequence[int] = (1, 2),
+        channel_axis: int | None = -1,
+        share_channels: bool = False,
+        deterministic: bool | None = False,
+        rng_collection: str = "dropout",
+        rngs: rnglib.Rngs | rnglib.RngStream | None = None,
+        mask_bits: int = DEFAULT_BITS,
+    ):
+        super().__init__(rate, deterministic=deterministic, rng_collection=rng_collection,
+                         rngs=rngs, mask_bits=mask_bits)
+        self.block_size = block_size
+        self.spatial_axes = spatial_axes
+        self.channel_axis = channel_axis
+        self.share_channels = share_channels
+
+    def _block(self) -> dict:
+        return {"block_size": self.block_size, "spatial_axes": self.spatial_axes,
+                "channel_axis": self.channel_axis, "share_channels": self.share_channels,
+                "mask_bits": self.mask_bits}
+
+    def _check_args(self, caller, inputs) -> None:
+        drop_block_as(caller, None, inputs, 0.0, False, **self._block())
+
+    def _drop(self, caller, key, inputs, train):
+        return drop_block_as(caller, key, inputs, self.rate, train, **self._block())

@@ -507,3 +507,13 @@ def test_errors_of_the_flax_drivers():
     with pytest.raises(ValueError, match=r"layers bn2 of `model` were not called"):
         dnx.recompute_batch_norm(unused, [x], call=lambda m, b: m.bn1(m.dense1(b)))
     assert np.all(np.asarray(unused.bn1.var[...]) == 1.0)  # nothing written on error
+
+    class Lifted(nnx.Module):  # a layer called inside an NNX transform cannot be followed
+        def __init__(self):
+            self.bn = dnx.BatchNorm(5, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return nnx.remat(lambda bn, x: bn(x))(self.bn, x)
+
+    with pytest.raises(NotImplementedError, match=r"inside an NNX transform"):
+        dnx.recompute_batch_norm(Lifted(), [x])
