@@ -13,6 +13,8 @@ from dropnorm._dropout import drop_block as drop_block
 from dropnorm._dropout import drop_path as drop_path
 from dropnorm._dropout import dropout as dropout
 from dropnorm._dropout import gaussian_dropout as gaussian_dropout
+from dropnorm._mc_dropout import MCDropoutPrediction as MCDropoutPrediction
+from dropnorm._mc_dropout import mc_dropout as mc_dropout
 from dropnorm._population import population_stats_finalize as population_stats_finalize
 from dropnorm._population import population_stats_init as population_stats_init
 from dropnorm._population import recompute_batch_norm as recompute_batch_norm
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNormParams",
     "BatchNormState",
+    "MCDropoutPrediction",
     "PopulationStats",
     "alpha_dropout",
     "batch_norm",
@@ -33,6 +36,7 @@ __all__ = [
     "dropout",
     "fold_batch_norm",
     "gaussian_dropout",
+    "mc_dropout",
     "population_stats_finalize",
     "population_stats_init",
     "recompute_batch_norm",

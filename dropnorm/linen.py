@@ -66,7 +66,7 @@ from dropnorm._moments import real_dtype
 from dropnorm._population import cached_step, empty_stats, finalize, fold_batches
 
 __all__ = ["AlphaDropout", "BatchNorm", "BatchRenorm", "DropBlock", "DropPath", "Dropout",
-           "GaussianDropout", "recompute_batch_norm"]
+           "GaussianDropout", "mc_dropout_fn", "recompute_batch_norm"]
 
 # A key for the one case where Flax draws no key but the pure function needs one: a static
 # rate of 1 drops everything whatever the key, and Flax returns zeros without touching the
@@ -716,3 +716,119 @@ class DropBlock(nn.Module):
                             block_size=self.block_size, spatial_axes=self.spatial_axes,
                             channel_axis=self.channel_axis,
                             share_channels=self.share_channels, mask_bits=self.mask_bits)
+
+
+# --- Monte-Carlo dropout: dropout on, statistics frozen, whatever the model's flags say ------
+
+_RANDOM_LAYERS = (nn.Dropout, DropPath, DropBlock)  # Flax's Dropout and its subclasses
+
+
+def _call_with_flag(module, flag: str, value: bool, next_fun, args, kwargs):
+    """Call ``module`` (a dropout or BatchNorm layer) with its ``flag`` set to ``value``,
+    whether the model set the flag as a field or passes it to the call.
+
+    The flag is the second positional argument of these layers' calls. A field of the other
+    value (``BatchNorm(use_running_average=not train)``) cannot be overridden by a call
+    argument (Flax's ``merge_param`` refuses both), so a copy of the layer with the field
+    changed is applied to the layer's own variables instead.
+    """
+    args = list(args)
+    if len(args) > 1:
+        args.pop(1)
+    kwargs = {k: v for k, v in kwargs.items() if k != flag}
+    field = getattr(module, flag)
+    if field is None:
+        return next_fun(*args, **{flag: value}, **kwargs)
+    if field is value:
+        return next_fun(*args, **kwargs)
+    clone = module.clone(parent=None, **{flag: value})
+    if isinstance(module, _RANDOM_LAYERS):
+        rng = kwargs.pop("rng", None) if len(args) < 2 else args.pop(1)
+        if rng is None:
+            rng = module.make_rng(module.rng_collection)
+        return clone.apply({}, *args, rng=rng, **kwargs)
+    return clone.apply(module.variables, *args, **kwargs)
+
+
+def _mc_dropout_interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__":
+        if isinstance(module, _RANDOM_LAYERS):
+            return _call_with_flag(module, "deterministic", False, next_fun, args, kwargs)
+        if isinstance(module, nn.BatchNorm):
+            return _call_with_flag(module, "use_running_average", True, next_fun, args, kwargs)
+    return next_fun(*args, **kwargs)
+
+
+def mc_dropout_fn(model: nn.Module, variables: Any, *, method: Any = None,
+                  rng_collection: str = "dropout", **kwargs: Any):
+    """``model.apply`` as a function of a key, with dropout on and statistics frozen.
+
+    Returns ``fn(key, *args, **more)``, which runs ``model.apply(variables, *args,
+    rngs={rng_collection: key}, method=method, **kwargs, **more)`` with every dropout layer
+    training and every BatchNorm layer using its running statistics, whatever the model's
+    own ``train`` / ``deterministic`` / ``use_running_average`` flags say: the one-liner
+    for Monte-Carlo dropout with :func:`dropnorm.mc_dropout`::
+
+        pred = dropnorm.mc_dropout(dnn.mc_dropout_fn(model, variables, train=False), key, 32, x)
+
+    It works by class, with a Flax method interceptor (``nn.intercept_methods``): the
+    dropout layers are ``flax.linen.Dropout`` and its subclasses (dropnorm's
+    :class:`Dropout`, :class:`AlphaDropout`, :class:`GaussianDropout`) and dropnorm's
+    :class:`DropPath` and :class:`DropBlock`; the statistics layers are
+    ``flax.linen.BatchNorm`` and its subclasses (dropnorm's :class:`BatchNorm`,
+    :class:`BatchRenorm`). A layer whose flag is a call argument gets the flag in the
+    call; a layer whose field says otherwise (``BatchNorm(use_running_average=not
+    train)``) is applied as a copy with the field changed, to its own variables and
+    keys. Nothing is updated: ``batch_stats`` stay as they are. Dropout inside other
+    modules (the ``dropout_rate`` of ``flax.linen.MultiHeadDotProductAttention``) is left
+    as the model sets it.
+
+    Args:
+      model: a linen module.
+      variables: its variables (``params`` and ``batch_stats``).
+      method: the method to apply (default ``__call__``), as ``Module.apply``'s.
+      rng_collection: the RNG stream the dropout layers draw from (default
+        ``'dropout'``); it gets the key.
+      **kwargs: keyword arguments of every call (e.g. ``train=False``).
+
+    Returns:
+      ``fn(key, *args, **more) -> model.apply(...)``'s output, a pure function of the
+      key (the same key gives the same sample), to use with :func:`dropnorm.mc_dropout`,
+      ``jax.vmap`` or ``jax.jit``.
+
+    Raises:
+      TypeError: ``model`` is not a linen module (what ``fn`` raises is
+        ``model.apply``'s).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, dropnorm
+      >>> import flax.linen as nn
+      >>> from dropnorm import linen as dnn
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train: bool):
+      ...         x = dnn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+      ...         x = dnn.Dropout(0.5)(nn.relu(x), deterministic=not train)
+      ...         return nn.Dense(3)(x)
+      >>> x = jax.random.normal(jax.random.key(0), (4, 5))
+      >>> variables = Net().init(jax.random.key(1), x, train=False)
+      >>> fn = dnn.mc_dropout_fn(Net(), variables, train=False)
+      >>> pred = dropnorm.mc_dropout(fn, jax.random.key(2), 16, x)
+      >>> pred.mean.shape, bool(jnp.all(pred.std > 0))
+      ((4, 3), True)
+
+    References:
+      Gal & Ghahramani, "Dropout as a Bayesian Approximation: Representing Model
+      Uncertainty in Deep Learning", ICML 2016.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"dropnorm.linen.mc_dropout_fn: `model` must be a flax.linen Module; "
+                        f"got {type(model).__name__}.")
+
+    def fn(key, *args, **more):
+        with nn.intercept_methods(_mc_dropout_interceptor):
+            return model.apply(variables, *args, rngs={rng_collection: key}, method=method,
+                               **kwargs, **more)
+
+    return fn

@@ -78,7 +78,7 @@ from dropnorm._moments import real_dtype
 from dropnorm._population import cached_step, empty_stats, finalize, fold_batches, unreached
 
 __all__ = ["AlphaDropout", "BatchNorm", "BatchRenorm", "DropBlock", "DropPath", "Dropout",
-           "GaussianDropout", "recompute_batch_norm"]
+           "GaussianDropout", "mc_dropout_fn", "recompute_batch_norm"]
 
 _ZEROS = initializers.zeros_init()  # Flax's defaults
 _ONES = initializers.ones_init()
@@ -907,3 +907,94 @@ class DropBlock(Dropout):
 
     def _drop(self, caller, key, inputs, train):
         return drop_block_as(caller, key, inputs, self.rate, train, **self._block())
+
+
+# --- Monte-Carlo dropout: dropout on, statistics frozen, the model left untouched ----------
+
+
+def _reseed_every_stream(model, key) -> None:
+    """Give every RNG stream of ``model`` its own key derived from ``key`` (count 0).
+
+    Every stream, not only those tagged ``'dropout'``: a layer built with ``nnx.Rngs(0)``
+    forks the ``'default'`` stream. Each gets ``fold_in(key, i)``, so two layers never
+    share a key (``nnx.reseed(model, dropout=key)`` gives one per stream of a tag but
+    the same ones to streams of two tags).
+    """
+    for i, (_, stream) in enumerate(
+            (p, s) for p, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)):
+        new = jax.random.fold_in(key, i)
+        shape = tuple(stream.key[...].shape)
+        if shape:  # a stream split for nnx.vmap: one key per member
+            new = jax.random.split(new, shape)
+        stream.key.set_value(new)
+        stream.count.set_value(jnp.zeros(shape, jnp.uint32))
+
+
+def mc_dropout_fn(model: nnx.Module, **kwargs: Any):
+    """An NNX model as a pure function of a key, with dropout on and statistics frozen.
+
+    Returns ``fn(key, *args, **more)``: a copy of ``model`` (``nnx.clone(model)``: new
+    variables sharing the arrays, made inside the call, so under ``vmap`` / ``jit`` too) set
+    like
+    ``model.train()`` for dropout and ``model.eval()`` for statistics, that is
+    ``set_attributes(deterministic=False, use_running_average=True)`` on every layer that
+    has them (what ``nnx.view(model, deterministic=False, use_running_average=True)``
+    does), with every RNG stream reseeded from ``key``, called on ``(*args, **kwargs,
+    **more)``. The one-liner for Monte-Carlo dropout with :func:`dropnorm.mc_dropout`::
+
+        pred = dropnorm.mc_dropout(dnx.mc_dropout_fn(model), key, 32, x)
+
+    ``model`` itself is not changed: its flags, running statistics and RNG counters stay
+    as they are, and the same key gives the same sample. The layers switched are those
+    Flax's ``train()`` / ``eval()`` switch: ``nnx.Dropout`` and its subclasses (all of
+    dropnorm's dropouts, :class:`DropPath`, :class:`DropBlock`), ``nnx.BatchNorm`` and
+    its subclasses, and any layer with a ``deterministic`` attribute (the attention
+    dropout of ``nnx.MultiHeadAttention``).
+
+    Args:
+      model: an NNX module (after training).
+      **kwargs: keyword arguments of every call of the model.
+
+    Returns:
+      ``fn(key, *args, **more) -> model(*args, **kwargs, **more)`` of the copy, a pure
+      function of the key, to use with :func:`dropnorm.mc_dropout`, ``jax.vmap`` or
+      ``jax.jit``.
+
+    Raises:
+      TypeError: ``model`` is not an NNX module.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, dropnorm
+      >>> from flax import nnx
+      >>> from dropnorm import nnx as dnx
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.dense, self.bn = nnx.Linear(5, 8, rngs=rngs), dnx.BatchNorm(8, rngs=rngs)
+      ...         self.drop, self.out = dnx.Dropout(0.5, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.out(self.drop(nnx.relu(self.bn(self.dense(x)))))
+      >>> model = Net(nnx.Rngs(0))
+      >>> model.eval()  # as after training; mc_dropout_fn turns dropout back on
+      >>> x = jax.random.normal(jax.random.key(1), (4, 5))
+      >>> pred = dropnorm.mc_dropout(dnx.mc_dropout_fn(model), jax.random.key(2), 16, x)
+      >>> pred.mean.shape, bool(jnp.all(pred.std > 0)), model.drop.deterministic
+      ((4, 3), True, True)
+
+    References:
+      Gal & Ghahramani, "Dropout as a Bayesian Approximation: Representing Model
+      Uncertainty in Deep Learning", ICML 2016.
+    """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"dropnorm.nnx.mc_dropout_fn: `model` must be a flax.nnx Module; got "
+                        f"{type(model).__name__}.")
+
+    def fn(key, *args, **more):
+        copy = nnx.clone(model)  # new Variables at this trace level, the same arrays
+        copy.set_attributes(deterministic=False, use_running_average=True,
+                            raise_if_not_found=False)
+        if not _checks.is_key(key):  # a raw uint32 key: NNX streams hold typed keys
+            key = jax.random.wrap_key_data(jnp.asarray(key))
+        _reseed_every_stream(copy, key)
+        return copy(*args, **kwargs, **more)
+
+    return fn
