@@ -165,6 +165,8 @@ def test_grid_steps_and_markdown_end_to_end(monkeypatch):
     steps = bench.run_steps(True, repeats=3, compile_reps=2)
     assert [m["model"] for m in steps["models"]] == ["mlp", "resnet"]
     assert steps["models"][0]["rounds"] == 3 and steps["models"][0]["step_target"] == 1.1
+    assert steps["models"][0]["compile_spread"] is not None  # 2 compile rounds: a spread
+    assert steps["models"][0]["compile_cpu_dropnorm_over_flax"] > 0
     md = bench.markdown(res | {"repeats": 2, "rate": bench.RATE, "steps": steps})
     assert "| (64, 8) | f32 | eval |" in md and "batch_norm: " in md
     assert "### steps:" in md and "| tiny |" in md and ">= 1.10" in md and "<= 1.15" in md
