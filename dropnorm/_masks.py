@@ -32,7 +32,6 @@ from jax import lax
 
 MASK_BITS = (8, 16, 32)
 DEFAULT_BITS = 16  # every dropout-family function and module defaults to this (BENCHMARKS.md)
-_UINT = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
 _MAX_HASH_WORDS = 2**32  # the word index is a uint32
 
 
@@ -91,7 +90,13 @@ def n_words(shape: tuple[int, ...], bits: int) -> int:
 
 def uniform_bits(key: jax.Array, shape: tuple[int, ...], bits: int,
                  seeded: bool = False) -> jax.Array:
-    """Uniform unsigned integers of ``bits`` bits, shape ``shape``, cut from 32-bit words.
+    """Uniform ``bits``-bit integers (held in uint32), shape ``shape``, cut from 32-bit words.
+
+    Element ``j`` of word ``w`` is ``(w >> (bits * j)) & (2**bits - 1)``: the same values
+    as ``bitcast_convert_type`` to uint8/uint16 on a little-endian machine, but cut by
+    shifts and compared in 32-bit lanes. Narrow integers made XLA CPU's fused loop convert
+    to and compare in uint8, which made 8-bit masks 1.6-2.5x slower than 16-bit ones in
+    the forward pass (BENCHMARKS.md, run 8).
 
     ``seeded``: ``key`` is already a seed of :func:`seed_words` (the hash's words).
     """
@@ -100,7 +105,9 @@ def uniform_bits(key: jax.Array, shape: tuple[int, ...], bits: int,
     words = hashed_words(key, words_n) if seeded else random_words(key, words_n)
     if bits == 32:
         return words.reshape(shape)
-    parts = lax.bitcast_convert_type(words, _UINT[bits])  # (words, per_word)
+    per_word = 32 // bits
+    shifts = lax.iota(jnp.uint32, per_word) * jnp.uint32(bits)
+    parts = (words[:, None] >> shifts) & jnp.uint32(2**bits - 1)  # (words, per_word)
     return parts.reshape(-1)[:n].reshape(shape)
 
 
@@ -123,7 +130,7 @@ def keep_from_bits(u: jax.Array, k, bits: int) -> jax.Array:
     if isinstance(k, int):
         if k >= 2**bits:
             return jnp.ones(shape, bool)
-        return u < jnp.asarray(k, u.dtype)
+        return u < jnp.asarray(k, jnp.uint32)
     if bits == 32:
         # k may equal 2**32, which uint32 cannot hold: compare in two parts.
         k_lo = jnp.minimum(k, 2.0**32 - 256).astype(jnp.uint32)

@@ -226,3 +226,17 @@ def test_traced_rate_gives_the_same_mask_as_a_python_rate(rate, bits):
         assert bool(traced.all())  # k = 2**bits keeps everything, also for 32 bits
     if rate == 1.0:
         assert not bool(traced.any())
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_shift_cut_bits_equal_the_little_endian_bitcast(bits):
+    # uniform_bits cuts each word by shifts (fast on XLA CPU); the values must be those of
+    # cutting the words by a bitcast to uint8/uint16 on this (little-endian) machine, so masks
+    # are the same as before the change (and as documented).
+    key, n = jax.random.key(31), 1001
+    words = _masks.random_words(key, _masks.n_words((n,), bits))
+    narrow = {8: jnp.uint8, 16: jnp.uint16}[bits]
+    want = np.asarray(jax.lax.bitcast_convert_type(words, narrow)).reshape(-1)[:n]
+    got = np.asarray(_masks.uniform_bits(key, (n,), bits))
+    assert got.dtype == np.uint32 and got.max() < 2**bits
+    np.testing.assert_array_equal(got, want.astype(np.uint32))
