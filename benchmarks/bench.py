@@ -1238,11 +1238,11 @@ def bn_target_summary(rows: list[dict], spread: float = 0.10) -> str:
 
     out = [f"batch_norm: {len(cells) - len(slow)} of {len(cells)} cells at >= {BN_TARGET}x "
            f"flax.linen; {len(cells) - len(wide)} of {len(cells)} with spread below "
-           f"{spread:.0%}."]
+           f"{spread:.0%}.", ""]
     if slow:
-        out.append("  below the target: " + "; ".join(name(r) for r in slow))
+        out.append("- below the target: " + "; ".join(name(r) for r in slow))
     if wide:
-        out.append(f"  spread {spread:.0%} or more: " + "; ".join(
+        out.append(f"- spread {spread:.0%} or more: " + "; ".join(
             f"{name(r)} {_pct(r.get('linen_spread'))}" for r in wide))
     return "\n".join(out)
 
