@@ -2,12 +2,16 @@
 
 Run from the repository root::
 
-    python benchmarks/bench.py            # the full grid (several minutes on 2 CPU cores)
+    python benchmarks/bench.py            # everything (30-60 minutes on 2 cores; see below)
     python benchmarks/bench.py --quick    # small shapes, few repeats, tiny steps table (minutes)
     python benchmarks/bench.py --scale    # only the scale table (about 5 minutes)
-    python benchmarks/bench.py --steps    # only the steps table (about 4 minutes)
+    python benchmarks/bench.py --steps    # only the steps table (about 5 minutes)
     python benchmarks/bench.py --json out.json
     python benchmarks/bench.py --markdown out.json   # the tables of BENCHMARKS.md
+
+The full run's length is mostly the layer grid's extra rounds (``--target-spread``): at load
+average 5 the largest shapes' cells ran to the cap; ``--target-spread 0`` gives the fixed
+7-round grid (about 10 minutes of the total).
 
 What is timed (one jitted function per cell, inputs already on the device):
 
