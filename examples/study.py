@@ -3,6 +3,7 @@
     python examples/study.py --quick --out runs/quick      # a few minutes on 2 CPU cores
     python examples/study.py --out runs/full               # the full grid (docs/results/)
     python examples/study.py --replot docs/results         # redraw the plots from the tables
+    python examples/study.py --calibration-only --out DIR  # only the calibration table
 
 Runs {no regularisation, dropout, BatchNorm, both} x {MLP, CNN} x seeds x data sets
 {MNIST-1D, scikit-learn digits}, then sweeps of the dropout rate and of BatchNorm's
@@ -15,7 +16,14 @@ momentum, and the "dropout before BatchNorm" variance shift. Writes to ``--out``
   and 85th percentiles of one unit's input to its ReLU over training, with and without
   BatchNorm, as in Ioffe & Szegedy 2015, Fig. 1), ``sweeps.png`` and ``variance_shift.png``
   (the last BatchNorm's running variance over the variance of its input at eval time,
-  dropout placed before BatchNorm vs only after it, as in Li et al. 2019).
+  dropout placed before BatchNorm vs only after it, as in Li et al. 2019);
+* ``calibration.md`` / ``calibration.csv`` (also a section of ``results.md``): on the first
+  data set's test set, for the configurations with dropout ("dropout" and "both"), the
+  expected calibration error (15 equal-width confidence bins) and negative log-likelihood
+  of the deterministic network against Monte-Carlo dropout (Gal & Ghahramani 2016) with
+  K = 1, 8 and 32 passes (``dropnorm.mc_dropout``: dropout on, BatchNorm frozen), mean +-
+  std over the seeds; ``calibration.json`` (the reliability bins, pooled over seeds) and
+  ``reliability.png`` (accuracy against confidence per bin, deterministic vs the largest K).
 
 Every configuration is compiled once; its seeds train together (vmapped) and are
 evaluated every ``--eval-every`` steps on the whole training and test sets. A configuration
@@ -24,7 +32,9 @@ once, with the larger number of seeds; the other uses its first seeds. A progres
 counts the configurations ("k/N", elapsed and estimated remaining time).
 
 ``--replot DIR`` redraws every plot from what a run saved in ``DIR`` (``results.csv``,
-``sweeps.csv``, ``variance_shift.csv``, ``curves.json``) without training anything.
+``sweeps.csv``, ``variance_shift.csv``, ``curves.json``, ``calibration.json``) without
+training anything. ``--calibration-only`` trains only the configurations the calibration
+needs and writes only its outputs.
 
 References:
   Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from
@@ -34,6 +44,9 @@ References:
   Li, Chen, Hu & Yang, "Understanding the Disharmony between Dropout and Batch
   Normalization by Variance Shift", CVPR 2019.
   Greydanus, "Scaling down Deep Learning with MNIST-1D", 2020.
+  Gal & Ghahramani, "Dropout as a Bayesian Approximation: Representing Model
+  Uncertainty in Deep Learning", ICML 2016.
+  Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks", ICML 2017.
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _calibration  # noqa: E402
 import _data  # noqa: E402
 import _train  # noqa: E402
 
@@ -72,6 +86,7 @@ DEFAULTS = {
     "momenta": ("0.5,0.9,0.99,0.999", "0.5,0.9,0.99"),
     "shift_rates": ("0.1,0.3,0.5", "0.1,0.5"),
     "sweep_models": ("mlp,cnn", "mlp"),
+    "mc_samples": ("1,8,32", "1,8,32"),
 }
 
 
@@ -107,6 +122,13 @@ def parser() -> argparse.ArgumentParser:
     study_default("shift_rates", "variance-shift rates, comma-separated")
     study_default("sweep_models", "models in the sweeps")
     p.add_argument("--no-sweeps", action="store_true", help="only the main grid")
+    study_default("mc_samples", "MC-dropout passes K of the calibration table, comma-separated")
+    p.add_argument("--calibration-bins", type=int, default=15,
+                   help="confidence bins of the expected calibration error (default 15)")
+    p.add_argument("--calibration-only", action="store_true",
+                   help="train only the configurations with dropout on the first data set "
+                        "and write only the calibration table and plot")
+    p.add_argument("--no-calibration", action="store_true", help="no calibration table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -121,6 +143,12 @@ def _settings(args) -> argparse.Namespace:
         setattr(s, k, [x for x in getattr(s, k).split(",") if x])
     for k in ("rates", "momenta", "shift_rates"):
         setattr(s, k, [float(x) for x in getattr(s, k).split(",") if x])
+    s.mc_samples = [int(x) for x in s.mc_samples.split(",") if x]
+    if not s.mc_samples or min(s.mc_samples) < 1 or s.calibration_bins < 1:
+        raise SystemExit("study.py: --mc-samples must be positive ints and --calibration-bins "
+                         "a positive int.")
+    if s.calibration_only and s.no_calibration:
+        raise SystemExit("study.py: --calibration-only and --no-calibration exclude each other.")
     bad = [d for d in s.datasets if d not in _data.DATASETS]
     bad += [m for m in s.models + s.sweep_models if m not in _train.MODELS]
     if bad:
@@ -155,6 +183,7 @@ class Runner:
         self.log: list[dict] = []
         self._seeds: dict[tuple, int] = {}  # planned seeds per (dataset, canonical config)
         self._done: dict[tuple, dict] = {}
+        self._states: dict[tuple, _train.TrainState] = {}  # final states (for calibration)
         self._bar = None
 
     def plan(self, jobs) -> int:
@@ -175,8 +204,9 @@ class Runner:
         data = _data.load(dataset)
         t0 = time.perf_counter()
         trainer = _train.Trainer(cfg, data.x, data.y, data.x_test, data.y_test)
-        _, hist = _train.run(trainer, list(range(n_seeds)), steps=self.steps,
-                             eval_every=self.eval_every)
+        state, hist = _train.run(trainer, list(range(n_seeds)), steps=self.steps,
+                                 eval_every=self.eval_every)
+        self._states[(dataset, _canonical(cfg))] = state
         wall = time.perf_counter() - t0
         self.log.append({"dataset": dataset, **dataclasses.asdict(cfg), "seeds": n_seeds,
                          "seconds": wall})
@@ -200,6 +230,14 @@ class Runner:
             hist = self._train(dataset, cfg, max(n_seeds, self._seeds.get(key, 0)))
             self._done[key] = hist
         return {k: (v if k == "step" else v[:, :n_seeds]) for k, v in hist.items()}
+
+    def state(self, dataset: str, cfg: _train.Config, n_seeds: int) -> _train.TrainState:
+        """The final training state of the first ``n_seeds`` seeds (trained if need be)."""
+        self(dataset, cfg, n_seeds)
+        import jax
+
+        state = self._states[(dataset, _canonical(cfg))]
+        return jax.tree.map(lambda a: a[:n_seeds], state)
 
 
 def _mean_std(a) -> tuple[float, float]:
@@ -251,8 +289,16 @@ def shift_configs(s) -> list[tuple[str, str, float, _train.Config]]:
             for rate in s.shift_rates]
 
 
+def calibration_configs(s) -> list[tuple[tuple[str, str, str], _train.Config]]:
+    """The grid cells the calibration table scores: the first data set, with dropout."""
+    return [(key, cfg) for key, cfg in grid_configs(s)
+            if key[0] == s.datasets[0] and key[2] in ("dropout", "both")]
+
+
 def jobs(s) -> list[tuple[str, _train.Config, int]]:
     """Every (data set, config, seeds) the study asks for, in the order it asks."""
+    if s.calibration_only:
+        return [(key[0], cfg, s.seeds) for key, cfg in calibration_configs(s)]
     out = [(key[0], cfg, s.seeds) for key, cfg in grid_configs(s)]
     if not s.no_sweeps:
         out += [(s.datasets[0], cfg, s.sweep_seeds) for *_, cfg in sweep_configs(s)]
@@ -302,6 +348,77 @@ def sweeps(s, run: Runner) -> tuple[list[dict], list[dict]]:
                            "var_ratio_mean": float(ratio.mean()),
                            "var_ratio_std": float(ratio.std()), **summary(h)})
     return sweep_rows, shift_rows
+
+
+def calibration(s, run: Runner) -> tuple[list[dict], dict]:
+    """ECE and NLL of the deterministic network and of MC dropout (K = ``s.mc_samples``)
+    on the test set, per configuration with dropout; returns the table's rows and the
+    reliability bins (pooled over seeds) of every method, keyed "dataset/model/config"."""
+    rows, bins = [], {}
+    for (dataset, model, reg), cfg in calibration_configs(s):
+        data = _data.load(dataset)
+        t0 = time.perf_counter()
+        scores = _calibration.evaluate(_train.Net(cfg), run.state(dataset, cfg, s.seeds),
+                                       data.x_test, data.y_test, s.mc_samples,
+                                       s.calibration_bins)
+        methods = [_calibration.DETERMINISTIC] + [_calibration.method_name(k)
+                                                  for k in s.mc_samples]
+        for method, k in zip(methods, [0, *s.mc_samples], strict=True):
+            r = scores[method]
+            rows.append({"dataset": dataset, "model": model, "config": reg,
+                         "dropout": cfg.dropout, "batch_norm": cfg.batch_norm,
+                         "prediction": method, "k": k, "seeds": s.seeds, "steps": s.steps,
+                         "bins": s.calibration_bins,
+                         **{f"{m}_{f}": float(getattr(np, f)(r[m]))
+                            for m in ("accuracy", "ece", "nll") for f in ("mean", "std")}})
+        bins["/".join((dataset, model, reg))] = {
+            m: {k: v.tolist() for k, v in scores[m]["reliability"].items()} for m in methods}
+        line = (f"[{time.perf_counter() - t0:6.1f}s] calibration {dataset} {model} {reg}: ECE "
+                + ", ".join(f"{m} {scores[m]['ece'].mean():.4f}" for m in methods))
+        if run._bar is not None and not run._bar.disable:
+            run._bar.write(line)
+        else:
+            print(line, flush=True)
+    return rows, bins
+
+
+def _prediction_label(method: str) -> str:
+    return method if method == _calibration.DETERMINISTIC else f"MC dropout, K = {method[2:]}"
+
+
+def calibration_markdown(rows: list[dict], heading: str = "##") -> str:
+    if not rows:
+        return ""
+    r0 = rows[0]
+    text = (f"{heading} Calibration ({r0['dataset']}, {int(r0['seeds'])} seeds)\n\n"
+            f"Test set; mean ± std over seeds. ECE: expected calibration error with "
+            f"{int(r0['bins'])} equal-width confidence bins; NLL: negative log-likelihood of "
+            f"the true label (nats). \"deterministic\" is the network in eval mode; MC "
+            f"dropout averages the softmax of K passes with dropout on and BatchNorm on "
+            f"its running statistics (dropnorm.mc_dropout).\n\n")
+    return text + _md_table(
+        ["model", "config", "prediction", "test accuracy", "ECE", "NLL"],
+        [[r["model"], r["config"], _prediction_label(r["prediction"]),
+          _pm(r["accuracy_mean"], r["accuracy_std"]), _pm(r["ece_mean"], r["ece_std"], 4),
+          _pm(r["nll_mean"], r["nll_std"])] for r in rows])
+
+
+def write_calibration(out: str, rows: list[dict], bins: dict, wall: float | None = None,
+                      command: str | None = None) -> dict:
+    """Writes calibration.csv, .json and .md; returns what reliability.png is drawn from."""
+    _write_csv(os.path.join(out, "calibration.csv"), rows)
+    cal = {"bins": int(rows[0]["bins"]), "seeds": int(rows[0]["seeds"]),
+           "dataset": rows[0]["dataset"], "reliability": bins}
+    with open(os.path.join(out, "calibration.json"), "w") as f:
+        json.dump(cal, f)
+    text = "# " + calibration_markdown(rows, "").lstrip()
+    if wall is not None:
+        text += (f"\n\nCommand: `{command}`; {int(rows[0]['steps'])} training steps; wall "
+                 f"time {wall:.0f} s ({wall / 60:.1f} min), training included, "
+                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}.")
+    with open(os.path.join(out, "calibration.md"), "w") as f:
+        f.write(text + "\n")
+    return cal
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -488,12 +605,51 @@ def plot_variance_shift(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def plot_reliability(cal: dict, path: str) -> bool | None:
+    """Accuracy against mean confidence per bin (bins pooled over seeds), for the
+    deterministic network and MC dropout with the largest K, one panel per configuration."""
+    plt = _plt()
+    panels = cal.get("reliability", {})
+    if not panels:
+        print(f"study.py: no calibration bins saved; {path} not drawn")
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.6, 3.9),
+                             squeeze=False)
+    for ax, (name, methods) in zip(axes[0], panels.items(), strict=True):
+        mc = [m for m in methods if m != _calibration.DETERMINISTIC]
+        largest = max(mc, key=lambda m: int(m[2:])) if mc else None
+        ax.plot([0, 1], [0, 1], ls=":", color="k", lw=0.8, label="perfectly calibrated")
+        for method, colour in ((_calibration.DETERMINISTIC, "tab:gray"),
+                               (largest, "tab:blue")):
+            if method is None:
+                continue
+            r = {k: np.asarray(v, float) for k, v in methods[method].items()}
+            used = r["count"] > 0
+            ax.plot(r["confidence"][used] / r["count"][used],
+                    r["correct"][used] / r["count"][used], marker="o", ms=3.5,
+                    color=colour, label=_prediction_label(method))
+        _, model, config = name.split("/")
+        ax.set_title(f"{model}, {config}", fontsize=10)
+        ax.set_xlabel("confidence (mean per bin)")
+        ax.set_ylabel("accuracy (per bin)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"Reliability on the {cal.get('dataset', '')} test set ({cal.get('bins')} "
+                 f"confidence bins, {cal.get('seeds')} seeds pooled): below the diagonal is "
+                 f"overconfident", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # -- report ------------------------------------------------------------------------------------
 def _pm(m, s, digits=3):
     return "n/a" if np.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def write_markdown(s, path, rows, sweep_rows, shift_rows, wall) -> None:
+def write_markdown(s, path, rows, sweep_rows, shift_rows, wall, cal_rows=()) -> None:
     parts = [f"# Study results\n\n{s.seeds} seeds per configuration, {s.steps} steps, batch "
              f"100, Adam (peak lr 1e-2, cosine decay); dropout rate {s.rate:g}, BatchNorm "
              f"momentum {s.momentum:g}. Accuracies are final, in eval mode, on the whole "
@@ -525,6 +681,8 @@ def write_markdown(s, path, rows, sweep_rows, shift_rows, wall) -> None:
             [[r["model"], r["placement"], f"{r['rate']:g}",
               _pm(r["var_ratio_mean"], r["var_ratio_std"]),
               _pm(r["test_acc_mean"], r["test_acc_std"])] for r in shift_rows]))
+    if cal_rows:
+        parts.append("\n" + calibration_markdown(list(cal_rows)))
     with open(path, "w") as f:
         f.write("\n".join(parts) + "\n")
 
@@ -581,7 +739,7 @@ def _load_curves(path: str) -> dict:
 
 
 def plot_all(out: str, results: dict, rows: list[dict], sweep_rows: list[dict],
-             shift_rows: list[dict]) -> list[str]:
+             shift_rows: list[dict], cal: dict | None = None) -> list[str]:
     """Draws every plot into ``out``; returns the paths written."""
     written = []
 
@@ -597,6 +755,8 @@ def plot_all(out: str, results: dict, rows: list[dict], sweep_rows: list[dict],
     draw(plot_learning_curves, results, "learning_curves.png")
     draw(plot_gap, rows, "generalisation_gap.png")
     draw(plot_preactivations, results, "preactivations.png")
+    if cal:
+        draw(plot_reliability, cal, "reliability.png")
     return written
 
 
@@ -606,9 +766,21 @@ def replot(directory: str) -> list[str]:
         path = os.path.join(directory, name)
         return _read_csv(path) if os.path.exists(path) else []
 
-    results = _load_curves(os.path.join(directory, "curves.json"))
-    written = plot_all(directory, results, rows_of("results.csv"), rows_of("sweeps.csv"),
-                       rows_of("variance_shift.csv"))
+    cal_path = os.path.join(directory, "calibration.json")
+    cal = None
+    if os.path.exists(cal_path):
+        with open(cal_path) as f:
+            cal = json.load(f)
+    curves = os.path.join(directory, "curves.json")
+    if not os.path.exists(curves):  # a --calibration-only run: its one plot
+        written = []
+        if cal is not None:
+            path = os.path.join(directory, "reliability.png")
+            if plot_reliability(cal, path) is not False:
+                written.append(path)
+    else:
+        written = plot_all(directory, _load_curves(curves), rows_of("results.csv"),
+                           rows_of("sweeps.csv"), rows_of("variance_shift.csv"), cal)
     for path in written:
         print(f"wrote {path}")
     return written
@@ -622,19 +794,33 @@ def main(argv: list[str] | None = None) -> dict:
         parser().error("--out DIR is required (or --replot DIR to redraw a run's plots)")
     s = _settings(args)
     os.makedirs(s.out, exist_ok=True)
+    command = "python examples/study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
     run = Runner(s.steps, s.eval_every, progress=not s.no_progress)
     n_configs = run.plan(jobs(s))
+    cal_rows, cal_bins = [], {}
     try:
-        results = grid(s, run)
-        rows = grid_rows(s, results)
-        sweep_rows, shift_rows = ([], []) if s.no_sweeps else sweeps(s, run)
+        if not s.calibration_only:
+            results = grid(s, run)
+            rows = grid_rows(s, results)
+            sweep_rows, shift_rows = ([], []) if s.no_sweeps else sweeps(s, run)
+        if not s.no_calibration:
+            cal_rows, cal_bins = calibration(s, run)
     finally:
         run.close()
     wall = time.perf_counter() - t0
+    if s.calibration_only:
+        cal = write_calibration(s.out, cal_rows, cal_bins, wall, command)
+        plot_reliability(cal, os.path.join(s.out, "reliability.png"))
+        with open(os.path.join(s.out, "calibration.md")) as f:
+            print(f.read())
+        print(f"wrote {s.out}/ in {wall:.0f} s ({n_configs} configurations)")
+        return {"calibration": cal_rows, "wall": wall, "configurations": n_configs,
+                "log": run.log}
     with open(os.path.join(s.out, "histories.pkl"), "wb") as f:  # everything, unplotted
         pickle.dump({"settings": vars(s), "grid": results, "sweeps": sweep_rows,
-                     "shift": shift_rows, "log": run.log, "wall": wall}, f)
+                     "shift": shift_rows, "calibration": cal_rows, "log": run.log,
+                     "wall": wall}, f)
 
     _write_csv(os.path.join(s.out, "results.csv"), rows)
     if sweep_rows:
@@ -642,9 +828,10 @@ def main(argv: list[str] | None = None) -> dict:
     if shift_rows:
         _write_csv(os.path.join(s.out, "variance_shift.csv"), shift_rows)
     _save_curves(os.path.join(s.out, "curves.json"), results)
-    write_markdown(s, os.path.join(s.out, "results.md"), rows, sweep_rows, shift_rows, wall)
-    plot_all(s.out, results, rows, sweep_rows, shift_rows)
-    command = "python examples/study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cal = write_calibration(s.out, cal_rows, cal_bins) if cal_rows else None
+    write_markdown(s, os.path.join(s.out, "results.md"), rows, sweep_rows, shift_rows, wall,
+                   cal_rows)
+    plot_all(s.out, results, rows, sweep_rows, shift_rows, cal)
     with open(os.path.join(s.out, "timing.md"), "w") as f:
         f.write(f"# Timing\n\nCommand: `{command}`\n\nWall time: {wall:.0f} s "
                 f"({wall / 60:.1f} min), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
@@ -658,8 +845,8 @@ def main(argv: list[str] | None = None) -> dict:
     with open(os.path.join(s.out, "results.md")) as f:
         print(f.read())
     print(f"wrote {s.out}/ in {wall:.0f} s ({n_configs} configurations)")
-    return {"rows": rows, "sweeps": sweep_rows, "shift": shift_rows, "wall": wall,
-            "configurations": n_configs, "log": run.log}
+    return {"rows": rows, "sweeps": sweep_rows, "shift": shift_rows, "calibration": cal_rows,
+            "wall": wall, "configurations": n_configs, "log": run.log}
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import pytest
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)
 
+import _calibration  # noqa: E402
 import _data  # noqa: E402
 import _train  # noqa: E402
 
@@ -142,6 +143,7 @@ def test_steps_to_threshold():
 
 PNGS = ("learning_curves.png", "generalisation_gap.png", "preactivations.png", "sweeps.png",
         "variance_shift.png")
+CALIBRATION_PNG = "reliability.png"
 
 
 @pytest.fixture
@@ -197,17 +199,25 @@ def test_study_trains_each_configuration_once_and_replots(tmp_path, saved_figure
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("dataset,model,config") and len(csv_lines) == 5
     assert "9 configurations trained" in (out / "timing.md").read_text()
-    assert set(saved_figures) == set(PNGS)
+    # The calibration table: the two configurations with dropout, deterministic and K = 1,
+    # 8, 32, in calibration.csv and in results.md; no configuration trained for it alone.
+    cal = res["calibration"]
+    assert [(r["config"], r["prediction"]) for r in cal] == [
+        (c, p) for c in ("dropout", "both") for p in ("deterministic", "mc1", "mc8", "mc32")]
+    assert "| mlp | both | MC dropout, K = 32 |" in md
+    assert len((out / "calibration.csv").read_text().splitlines()) == 9
+    figures = set(PNGS) | {CALIBRATION_PNG}
+    assert set(saved_figures) == figures
     for name, fig in saved_figures.items():
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         _check_figure(name, fig)
     # --replot redraws every plot from the saved tables and curves alone.
-    for name in PNGS:
+    for name in figures:
         (out / name).unlink()
     saved_figures.clear()
     written = study.main(["--replot", str(out)])["plots"]
-    assert sorted(os.path.basename(p) for p in written) == sorted(PNGS)
-    assert set(saved_figures) == set(PNGS) and all((out / n).exists() for n in PNGS)
+    assert sorted(os.path.basename(p) for p in written) == sorted(figures)
+    assert set(saved_figures) == figures and all((out / n).exists() for n in figures)
     for name, fig in saved_figures.items():
         _check_figure(name, fig)
 
@@ -294,3 +304,49 @@ def test_swa_example_recomputes_the_statistics_of_the_averaged_weights(capsys):
     np.testing.assert_allclose(np.asarray(stats["BatchNorm_0"]["mean"]), h.mean(0),
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(stats["BatchNorm_0"]["var"]), h.var(0), rtol=1e-5)
+
+
+def test_calibration_metrics_against_hand_computed_values():
+    # Four examples, 2 classes, 2 bins: (0, 0.5] and (0.5, 1]. Confidences 0.5, 0.6, 0.9,
+    # 0.95 with correctness 1, 0, 1, 1: bin 0 holds 0.5 (acc 1, conf 0.5), bin 1 the rest
+    # (acc 2/3, conf 0.8167): ECE = 1/4 * 0.5 + 3/4 * |2/3 - 0.81667| = 0.2375.
+    probs = np.array([[0.5, 0.5], [0.4, 0.6], [0.9, 0.1], [0.05, 0.95]])
+    labels = np.array([0, 0, 0, 1])
+    assert list(_calibration.bin_index(probs.max(1), 2)) == [0, 1, 1, 1]
+    assert abs(_calibration.ece(probs, labels, 2) - 0.2375) < 1e-12
+    expected_nll = -np.mean(np.log([0.5, 0.4, 0.9, 0.95]))
+    assert abs(_calibration.nll(np.log(probs), labels) - expected_nll) < 1e-12
+    r = _calibration.reliability(probs, labels, 2)
+    assert r["count"].tolist() == [1, 3] and r["correct"].tolist() == [1, 2]
+    # A true class of probability 0 is an infinite NLL, not a clipped one.
+    with np.errstate(divide="ignore"):
+        assert _calibration.nll(np.log(np.array([[1.0, 0.0]])), np.array([1])) == np.inf
+
+
+def test_calibration_only_trains_only_what_it_needs(tmp_path, saved_figures, monkeypatch):
+    s = study._settings(study.parser().parse_args(["--calibration-only", "--out", "o"]))
+    assert [(d, c.model, c.dropout, c.batch_norm, n) for d, c, n in study.jobs(s)] == [
+        ("mnist1d", m, 0.2, bn, 8) for m in ("mlp", "cnn") for bn in (False, True)]
+    # The run itself on the first of them only (one training compiled: the test's run time).
+    configs = study.calibration_configs
+    monkeypatch.setattr(study, "calibration_configs", lambda s: configs(s)[:1])
+    out = tmp_path / "cal"
+    res = study.main(["--calibration-only", "--out", str(out), "--models", "mlp", "--seeds",
+                      "2", "--steps", "10", "--eval-every", "10", "--mc-samples", "1",
+                      "--no-progress"])
+    assert res["configurations"] == 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "calibration.csv", "calibration.json", "calibration.md", CALIBRATION_PNG]
+    rows = res["calibration"]
+    assert [(r["config"], r["prediction"]) for r in rows] == [("dropout", "deterministic"),
+                                                              ("dropout", "mc1")]
+    for r in rows:
+        assert 0 <= r["ece_mean"] <= 1 and 0 < r["nll_mean"] < 10 and r["seeds"] == 2
+    # K = 1 is one dropout pass: a different prediction from the deterministic network's.
+    assert rows[1]["nll_mean"] != rows[0]["nll_mean"]
+    md = (out / "calibration.md").read_text()
+    assert md.startswith("# Calibration (mnist1d, 2 seeds)") and "wall time" in md
+    _check_figure(CALIBRATION_PNG, saved_figures[CALIBRATION_PNG])
+    (out / CALIBRATION_PNG).unlink()
+    assert [os.path.basename(p) for p in study.main(["--replot", str(out)])["plots"]] == [
+        CALIBRATION_PNG]
