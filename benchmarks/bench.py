@@ -1055,7 +1055,8 @@ def scale_worker(n: int, reps: int, models: bool) -> dict:
 
 ATTENTION_LENGTHS = {False: (512, 2048), True: (64, 128)}  # full runs; --quick
 ATTENTION_TARGET = 0.5  # issue 15: temp memory <= 0.5x Flax's at length 2048, time no slower
-ATTENTION_SWEEP = (32, 128, 512)  # query rows per chunk, beside the default and one pass
+ATTENTION_SWEEP = (32, 64, 128, 256, 512)  # query rows per chunk, beside the default and one
+# pass (the ones below the length, other than the default)
 
 
 class _AttentionBlock(nn.Module):
@@ -1090,12 +1091,13 @@ def attention_contenders(length: int) -> dict[str, Callable]:
     """name -> attention_fn: Flax's, dropnorm's (default chunks), dropnorm's in one pass and
     in chunks of ATTENTION_SWEEP rows, and the obvious version."""
     ours = dropnorm.dot_product_attention
+    default = _default_chunk_rows(length)
     fns = {"flax": nn.dot_product_attention, "dropnorm": ours,
            "obvious (flax weights + dropnorm.dropout)": _obvious_attention,
            f"dropnorm, one pass ({length} rows)": functools.partial(
                ours, query_chunk_size=length)}
     for rows in ATTENTION_SWEEP:
-        if rows < length:
+        if rows < length and rows != default:
             fns[f"dropnorm, chunks of {rows} rows"] = functools.partial(
                 ours, query_chunk_size=rows)
     return fns

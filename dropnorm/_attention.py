@@ -28,10 +28,11 @@ from dropnorm import _checks, _masks
 _CALLER = _checks.Caller("dot_product_attention", train_off="deterministic=True",
                          x_name="query")
 # The rows of a query chunk are chosen so that one chunk's weights, (batch..., heads, rows,
-# k), have about this many elements (4 MiB in float32): the backward pass holds a few such
-# arrays at once. On CPU, chunks of 2**18 to 2**20 weights were the fastest of those tried,
-# faster than one pass (BENCHMARKS.md, "Attention dropout").
-_CHUNK_ELEMENTS = 2**20
+# k), have about this many elements (2 MiB in float32): the backward pass holds a few such
+# arrays at once. On CPU, a training step with chunks of 2**19 weights (128 rows at length
+# 512, 32 at 2048, batch 2, 4 heads) was among the fastest of the chunk sizes tried, and one
+# pass the slowest (BENCHMARKS.md, "Attention dropout").
+_CHUNK_ELEMENTS = 2**19
 
 
 class _Static(NamedTuple):
@@ -307,7 +308,7 @@ def dot_product_attention(
         promotion).
       is_causal: also mask every key after the query's position (``flax.nnx``).
       mask_bits: 8, 16 or 32: the resolution of the keep probability (see :func:`dropout`).
-      query_chunk_size: query rows per chunk (default: chunks of about 2**20 weights); the
+      query_chunk_size: query rows per chunk (default: chunks of about 2**19 weights); the
         last chunk may overlap the one before it. A chunk as long as the queries is one
         pass with no loop.
 

@@ -419,8 +419,8 @@ def _train_step_temp_bytes(attention_fn, length: int) -> int:
 def test_train_step_temp_memory_is_well_below_flaxs():
     # A deterministic compile-time figure (XLA's buffer assignment), not a timing. At length
     # 512 Flax holds the (2, 4, 512, 512) weights, mask and dropped weights for the backward
-    # pass (51 MB of temp memory); ours holds chunks of the weights, one at a time (14 MB,
-    # 0.27x, when this test was written). The target is 0.5x at length 2048.
+    # pass (51 MB of temp memory); ours holds chunks of the weights, one at a time (7.5 MB,
+    # 0.15x, when this test was written). The target is 0.5x at length 2048.
     ours = _train_step_temp_bytes(dropnorm.dot_product_attention, 512)
     theirs = _train_step_temp_bytes(nn.dot_product_attention, 512)
     assert ours <= 0.5 * theirs, (ours, theirs, ours / theirs)
