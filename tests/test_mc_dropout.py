@@ -40,7 +40,7 @@ def _softmax64(z, axis=-1):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-@pytest.mark.parametrize("k", [1, 8, 32])
+@pytest.mark.parametrize("k", [8, 32])  # K = 1: the property test below
 def test_mean_and_std_equal_a_float64_oracle_over_the_same_keys(k):
     w1, w2 = random_normal((6, 16), seed=0), random_normal((16, 4), seed=1)
     x = random_normal((5, 6), seed=2)
@@ -95,13 +95,11 @@ def test_property_one_sample_is_one_pass_and_a_deterministic_fn_has_no_spread(se
     assert float(still.std.max()) <= ATOL
 
 
-def test_works_under_jit_and_grad():
+def test_differentiable_under_jit():
+    # (jit itself: the linen and NNX tests run mc_dropout inside jax.jit and nnx.jit.)
     w1, w2 = random_normal((6, 8), seed=0), random_normal((8, 3), seed=1)
     x = random_normal((4, 6), seed=2)
     key = jax.random.key(1)
-    eager = dropnorm.mc_dropout(_forward(w1, w2), key, 8, x)
-    jitted = jax.jit(lambda x: dropnorm.mc_dropout(_forward(w1, w2), key, 8, x))(x)
-    np.testing.assert_allclose(jitted.mean, eager.mean, atol=ATOL)
     # The predictive NLL is differentiable through the K passes.
     g = jax.jit(jax.grad(lambda w: -jnp.log(
         dropnorm.mc_dropout(_forward(w, w2), key, 8, x).mean[:, 0]).sum()))(w1)
@@ -176,7 +174,7 @@ def test_linen_dropblock_droppath_and_jit():
             return nn.Dense(3)(h.mean((1, 2)))
 
     x = random_normal((4, 8, 8, 2), seed=0)
-    variables = Net().init(jax.random.key(0), x, train=False)
+    variables = jax.jit(Net().init, static_argnames="train")(jax.random.key(0), x, train=False)
     fn = dnn.mc_dropout_fn(Net(), variables, train=False)
     pred = jax.jit(lambda x: dropnorm.mc_dropout(fn, jax.random.key(1), 8, x))(x)
     assert float(pred.std.min()) > 0  # every example's prediction varies over the passes
