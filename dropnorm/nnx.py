@@ -934,9 +934,8 @@ def mc_dropout_fn(model: nnx.Module, **kwargs: Any):
     """An NNX model as a pure function of a key, with dropout on and statistics frozen.
 
     Returns ``fn(key, *args, **more)``: a copy of ``model`` (``nnx.clone(model)``: new
-    variables sharing the arrays, made inside the call, so under ``vmap`` / ``jit`` too) set
-    like
-    ``model.train()`` for dropout and ``model.eval()`` for statistics, that is
+    variables sharing the arrays, made inside the call, so under ``vmap`` / ``jit`` too)
+    set like ``model.train()`` for dropout and ``model.eval()`` for statistics, that is
     ``set_attributes(deterministic=False, use_running_average=True)`` on every layer that
     has them (what ``nnx.view(model, deterministic=False, use_running_average=True)``
     does), with every RNG stream reseeded from ``key``, called on ``(*args, **kwargs,
