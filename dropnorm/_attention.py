@@ -307,7 +307,7 @@ def dot_product_attention(
       promote_dtype: ``flax.nnx``'s ``promote_dtype`` function, or None (Flax's default
         promotion).
       is_causal: also mask every key after the query's position (``flax.nnx``).
-      mask_bits: 8, 16 or 32: the resolution of the keep probability (see :func:`dropout`).
+      mask_bits: 16 or 32: the resolution of the keep probability (see :func:`dropout`).
       query_chunk_size: query rows per chunk (default: chunks of about 2**19 weights); the
         last chunk may overlap the one before it. A chunk as long as the queries is one
         pass with no loop.
@@ -354,9 +354,7 @@ def dot_product_attention(
     _check_shapes(query, key, value)
     rate = _checks.check_rate(dropout_rate, fn, "dropout_rate")
     train = _checks.train_from_off_flag(deterministic, _CALLER, "deterministic")
-    if mask_bits not in _masks.MASK_BITS:
-        raise ValueError(f"{fn}: `mask_bits` must be one of {_masks.MASK_BITS}; got "
-                         f"{mask_bits!r}.")
+    mask_bits = _masks.check_mask_bits(mask_bits, fn)
     query, key, value = _promote(query, key, value, dtype, promote_dtype)
     dtype = query.dtype
     weights_dtype = (jnp.float32 if force_fp32_for_softmax and dtype != jnp.float32

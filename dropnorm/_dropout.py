@@ -178,8 +178,7 @@ def random_map_as(caller, kind, key, x, rate, train, *, broadcast_dims=(),
         broadcast_dims = tuple(range(1, x.ndim))
     rate = _checks.check_rate(rate, fn)
     train = _checks.check_train(train, fn)
-    if mask_bits not in _masks.MASK_BITS:
-        raise ValueError(f"{fn}: `mask_bits` must be one of {_masks.MASK_BITS}; got {mask_bits!r}.")
+    mask_bits = _masks.check_mask_bits(mask_bits, fn)
     bdims = _checks.normalize_axes(broadcast_dims, x.ndim, fn, "broadcast_dims")
     if train is False or (isinstance(rate, float) and rate == 0.0):
         return x
@@ -215,11 +214,10 @@ def dropout(key, x, rate, train, *, broadcast_dims=(),
     with ``k = round((1 - rate) * 2**mask_bits)``, and kept values are scaled by
     exactly ``1 / p``, so ``E[y] = x`` holds exactly. With the default 16 bits a
     rate of 0.1 drops 6554/65536 = 10.0006% of elements; ``mask_bits=32`` is
-    finer still (the float32 rate's own resolution), ``mask_bits=8`` coarser
-    (rate 0.1 drops 26/256 = 10.16%). One 32-bit random word feeds
+    finer still (the float32 rate's own resolution). One 32-bit random word feeds
     ``32 // mask_bits`` elements; the words come from a cheap keyed hash
-    (``dropnorm._masks``), so on CPU 16 and 32 bits cost the same and 8 bits is
-    slower, its byte-cutting being compiled less well (BENCHMARKS.md).
+    (``dropnorm._masks``), so on CPU 16 and 32 bits cost about the same (8-bit masks
+    were removed: slower than 16 bits and only coarser; BENCHMARKS.md).
 
     Args:
       key: a PRNG key (``jax.random.key(seed)``); may be None when ``train`` is False.
@@ -232,7 +230,7 @@ def dropout(key, x, rate, train, *, broadcast_dims=(),
         accepted (the choice is made with ``lax.cond``).
       broadcast_dims: axes along which one mask value is shared (spatial or
         variational dropout, e.g. ``(1, 2)`` for NHWC feature maps).
-      mask_bits: 8, 16 or 32: the resolution of the keep probability (default 16).
+      mask_bits: 16 or 32: the resolution of the keep probability (default 16).
 
     Returns:
       The array after dropout. Rate 1 gives zeros and zero gradients (never NaN).
@@ -282,7 +280,7 @@ def alpha_dropout(key, x, rate, train, *, broadcast_dims=(),
       train: True to apply alpha dropout, False to return ``x``; may be traced.
       broadcast_dims: axes that share one mask value (``(2, 3)`` for NCHW gives
         PyTorch's FeatureAlphaDropout).
-      mask_bits: 8, 16 or 32: the resolution of the keep probability.
+      mask_bits: 16 or 32: the resolution of the keep probability.
 
     Returns:
       The array after alpha dropout, same shape and dtype. Rate 1 returns zeros
@@ -359,7 +357,7 @@ def drop_path(key, x, rate, train, *, mask_bits: int = _masks.DEFAULT_BITS) -> j
       x: floating array with the batch along axis 0.
       rate: probability of dropping an example's branch, in [0, 1]; may be traced.
       train: True to drop, False to return ``x``; may be traced.
-      mask_bits: 8, 16 or 32: the resolution of the keep probability.
+      mask_bits: 16 or 32: the resolution of the keep probability.
 
     Returns:
       The array with dropped examples zeroed and the rest scaled by the inverse
@@ -447,7 +445,7 @@ def drop_block(key, x, rate, train, *, block_size, spatial_axes=(1, 2), channel_
       channel_axis: the channel axis (default -1; 1 for NCHW), or None.
       share_channels: one mask for every channel of an example (the paper's variant
         that drops whole blocks across channels) instead of one per channel.
-      mask_bits: 8, 16 or 32: the resolution of the seeds' keep probability.
+      mask_bits: 16 or 32: the resolution of the seeds' keep probability.
 
     Returns:
       The array after DropBlock, same shape and dtype.

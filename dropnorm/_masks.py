@@ -12,7 +12,7 @@ An element is kept when its ``bits``-bit uniform integer ``u`` satisfies
 ``u < k``, where ``k = round((1 - rate) * 2**bits)``. The keep probability is
 therefore exactly ``k / 2**bits``, and kept values are scaled by ``2**bits / k``
 so that ``E[y] = x`` holds exactly. The drop rate actually used is ``rate``
-rounded to a multiple of ``2**-bits`` (1/256 for 8 bits, 1/65536 for 16 bits;
+rounded to a multiple of ``2**-bits`` (1/65536 for 16 bits, the default;
 32 bits is the full-precision option, where the float32 rate sets the
 resolution).
 
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-MASK_BITS = (8, 16, 32)
+MASK_BITS = (16, 32)  # offered to users (8 bits was removed: slower than 16, only coarser)
 DEFAULT_BITS = 16  # every dropout-family function and module defaults to this (BENCHMARKS.md)
 _MAX_HASH_WORDS = 2**32  # the word index is a uint32
 
@@ -42,6 +42,21 @@ def _mix(h: jax.Array, m1: int, m2: int, s3: int) -> jax.Array:
     h = h ^ (h >> 15)
     h = h * jnp.uint32(m2)
     return h ^ (h >> s3)
+
+
+def check_mask_bits(mask_bits, fn: str, name: str = "mask_bits") -> int:
+    """``mask_bits`` if it is one of :data:`MASK_BITS`, else a ValueError naming it."""
+    if isinstance(mask_bits, (int, float)) and not isinstance(mask_bits, bool) and mask_bits == 8:
+        raise ValueError(
+            f"{fn}: `{name}`=8 is no longer offered: 8-bit masks were 1.3-1.7x slower than "
+            f"the default 16 bits in the forward pass on CPU (BENCHMARKS.md, run 9) and only "
+            f"coarser (a rate resolution of 1/256). Use 16 (the default, resolution 1/65536) "
+            f"or 32."
+        )
+    if isinstance(mask_bits, bool) or mask_bits not in MASK_BITS:
+        raise ValueError(f"{fn}: `{name}` must be one of {MASK_BITS} (16 is the default); got "
+                         f"{mask_bits!r}.")
+    return int(mask_bits)
 
 
 def seed_words(key: jax.Array) -> jax.Array:
@@ -93,10 +108,9 @@ def uniform_bits(key: jax.Array, shape: tuple[int, ...], bits: int,
     """Uniform ``bits``-bit integers (held in uint32), shape ``shape``, cut from 32-bit words.
 
     Element ``j`` of word ``w`` is ``(w >> (bits * j)) & (2**bits - 1)``: the same values
-    as ``bitcast_convert_type`` to uint8/uint16 on a little-endian machine, but cut by
-    shifts and compared in 32-bit lanes. Narrow integers made XLA CPU's fused loop convert
-    to and compare in uint8, which made 8-bit masks 1.6-2.5x slower than 16-bit ones in
-    the forward pass (BENCHMARKS.md, run 8).
+    as ``bitcast_convert_type`` to uint16 on a little-endian machine, cut by shifts and
+    compared in 32-bit lanes. (``bits=8`` works here too, for the tests of the word
+    layout, but is not offered: :func:`check_mask_bits`.)
 
     ``seeded``: ``key`` is already a seed of :func:`seed_words` (the hash's words).
     """

@@ -347,7 +347,7 @@ class Dropout(nn.Dropout):
       broadcast_dims: axes that share one mask value.
       deterministic: True to return the input unchanged.
       rng_collection: the RNG stream to draw keys from.
-      mask_bits: 8, 16 or 32: the resolution of the keep probability (extra; default 16).
+      mask_bits: 16 or 32: the resolution of the keep probability (extra; default 16).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -682,7 +682,7 @@ class DropBlock(nn.Module):
       share_channels: one mask for every channel of an example, instead of one per
         channel.
       rng_collection: the RNG stream to draw keys from.
-      mask_bits: 8, 16 or 32: the resolution of the seeds' keep probability.
+      mask_bits: 16 or 32: the resolution of the seeds' keep probability.
 
     Examples:
       >>> import jax, jax.numpy as jnp

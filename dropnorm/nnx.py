@@ -449,7 +449,7 @@ class Dropout(nnx.Dropout):
       deterministic: True to return the input unchanged.
       rng_collection: the stream of ``rngs`` to fork.
       rngs: an ``nnx.Rngs`` or ``nnx.RngStream`` (or None: pass one at call time).
-      mask_bits: 8, 16 or 32: the resolution of the keep probability (extra).
+      mask_bits: 16 or 32: the resolution of the keep probability (extra).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -856,7 +856,7 @@ class DropBlock(Dropout):
       deterministic: True to return the input unchanged.
       rng_collection: the stream of ``rngs`` to fork.
       rngs: an ``nnx.Rngs`` or ``nnx.RngStream`` (or None: pass one at call time).
-      mask_bits: 8, 16 or 32: the resolution of the seeds' keep probability.
+      mask_bits: 16 or 32: the resolution of the seeds' keep probability.
 
     Examples:
       >>> import jax.numpy as jnp

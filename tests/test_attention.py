@@ -107,7 +107,7 @@ def test_output_is_the_formula_with_dropouts_mask_in_float64(broadcast, chunk):
         np.testing.assert_allclose(np.asarray(ours), want, rtol=0, atol=TOL64)
 
 
-@pytest.mark.parametrize("mask_bits", [8, 32])
+@pytest.mark.parametrize("mask_bits", [32])
 def test_other_mask_resolutions_are_dropouts_masks_too(mask_bits):
     with jax.enable_x64(True):
         q, k, v = _inputs((3, 4, 2, 3), 9)

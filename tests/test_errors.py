@@ -128,7 +128,7 @@ def test_bad_broadcast_dims(bdims, shown):
                      ValueError, "`broadcast_dims`", shown)
 
 
-@pytest.mark.parametrize("bits", [0, 4, 7, 64, "8"])
+@pytest.mark.parametrize("bits", [0, 4, 7, 8, 64, "8"])
 def test_bad_mask_bits(bits):
     _raises_at_trace(lambda x: dropnorm.dropout(KEY, x, 0.5, True, mask_bits=bits), X,
                      ValueError, "`mask_bits`", repr(bits))
