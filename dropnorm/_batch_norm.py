@@ -604,7 +604,7 @@ def batch_norm(params, state, x, train, *, axis=-1, momentum=0.99, epsilon=1e-5,
     the running statistics; the state is returned unchanged.
 
     Statistics are computed in at least float32 as sums of deviations from a shift
-    within ``4 std`` of the mean (the mean of the batch's first sixteenth), in one
+    within ``8 std`` of the mean (the mean of the batch's first 1/64), in one
     pass over ``x`` as Flax's ``E[x^2] - E[x]^2``, so the variance stays accurate when
     ``|mean| >> std``, is never negative, and is exactly 0 for a constant feature;
     the output has the input's dtype (bf16 in, bf16 out) unless ``dtype`` says

@@ -1,9 +1,9 @@
 """Batch moments: exact shifted statistics, padding masks, O(features) across devices.
 
 Locally, the sums of the deviations from a shift and of their squares, in one pass over
-``x``; the shift (the mean of the batch's first sixteenth) is within 4 standard
+``x``; the shift (the mean of the batch's first 1/64) is within 8 standard
 deviations of the mean whatever the data, so the correction amplifies the sums'
-rounding by at most a factor 17, never by the data's magnitude: a constant feature gets exactly its
+rounding by at most a factor 65, never by the data's magnitude: a constant feature gets exactly its
 value as mean and exactly 0 as variance, the variance stays accurate when
 ``|mean| >> std`` and is never negative. The one-pass ``E[x^2] - E[x]^2`` (Flax's
 default) reads ``x`` as often and loses every digit when ``|mean| >> std``.
@@ -231,8 +231,9 @@ def _sums(xf, reduction_axes, mask, centre):
 
 
 # The shift of the unmasked statistics is the mean of the first 1/SUBSAMPLE of the batch (at
-# least one row): see local_moments.
-SUBSAMPLE = 16
+# least one row): see local_moments. 16 cost 0.88x Flax's forward at (256, 56, 56, 64) float32
+# against 0.94x for 64 (the slice is copied before it is summed); the bound below is 64.
+SUBSAMPLE = 64
 
 
 def _subsample_shift(x, reduction_axes):
@@ -273,10 +274,10 @@ def local_moments(x, reduction_axes, mask):
     ``r = |mean - shift|^2 / var``.
 
     Without a mask, one pass over ``x``: ``shift`` is the mean of the first
-    ``1/SUBSAMPLE`` of the batch (:func:`_subsample_shift`), so ``r <= SUBSAMPLE = 16``
+    ``1/SUBSAMPLE`` of the batch (:func:`_subsample_shift`), so ``r <= SUBSAMPLE = 64``
     whatever the data (Cauchy-Schwarz; typically ``r ~ 1/m``), which keeps the variance
     accurate when ``|mean| >> std`` (Flax's ``E[x^2] - E[x]^2`` has ``r = mean^2 / var``)
-    and reads ``x`` ``1 + 1/16`` times instead of twice. A constant feature gets exactly
+    and reads ``x`` ``1 + 1/64`` times instead of twice. A constant feature gets exactly
     its value as mean and 0 as M2.
 
     With a mask, the corrected two-pass algorithm (Chan, Golub & LeVeque 1983): the

@@ -566,20 +566,21 @@ def test_an_outlying_first_row_does_not_cost_accuracy():
 
 
 def test_the_worst_case_for_the_subsample_shift_keeps_the_variance_accurate():
-    # The statistics sum deviations from a shift, the mean of the first 1/16 of the batch; how
-    # much their correction cancels grows with r = (mean - shift)^2 / var, and r <= 16 for any
-    # data (Cauchy-Schwarz). The worst case puts the whole spread in that slice: its 256 rows
-    # sit 1e3 away from the other 3840 (r = 15), at mean 1e6. The float32 variance must still
-    # be the float64 one to 1e-5 relative (the bound: about (1 + r) x the float32 summation
-    # error of ~1e-7 x log2(n)); the naive E[x^2] - E[x]^2 fails the same check.
+    # The statistics sum deviations from a shift, the mean of the first 1/64 of the batch; how
+    # much their correction cancels grows with r = (mean - shift)^2 / var, and r <= 64 for any
+    # data (Cauchy-Schwarz). The worst case puts the whole spread in that slice: its 64 rows
+    # sit 1e3 away from the other 4032 (r = 63), at mean 1e6. The float32 variance must still
+    # be the float64 one to 1e-4 relative (the bound: about (1 + r) x the float32 summation
+    # error of ~1e-7 x log2(n), 7e-5; measured: up to 4e-6), and the naive E[x^2] - E[x]^2 fails
+    # the same check.
     rng = np.random.default_rng(8)
     x = (1e6 + rng.standard_normal((4096, 3))).astype(np.float32)
-    x[:256] += np.float32(1e3)
+    x[:64] += np.float32(1e3)
     mean, var, _ = ref_moments(x, -1)
-    assert ((x[:256].astype(np.float64).mean(0) - mean) ** 2 / var).min() > 14  # r ~ 15
+    assert ((x[:64].astype(np.float64).mean(0) - mean) ** 2 / var).min() > 62  # r ~ 63
     params, state = dropnorm.batch_norm_init(3)
     _, new = jax.jit(lambda x: dropnorm.batch_norm(params, state, x, True, momentum=0.0))(x)
-    np.testing.assert_allclose(f64(new.var), var, rtol=1e-5)
+    np.testing.assert_allclose(f64(new.var), var, rtol=1e-4)
     np.testing.assert_allclose(f64(new.mean), mean, rtol=1e-7)
     xf = jnp.asarray(x)
     naive = f64(jnp.mean(xf * xf, 0) - jnp.mean(xf, 0) ** 2)
@@ -589,7 +590,7 @@ def test_the_worst_case_for_the_subsample_shift_keeps_the_variance_accurate():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(512, 8), (16, 5, 5, 8)])
 def test_training_statistics_read_the_input_once(shape, dtype):
-    # One pass over x for the statistics (plus 1/16 of it for the shift), as Flax's E[x],
+    # One pass over x for the statistics (plus 1/64 of it for the shift), as Flax's E[x],
     # E[x^2]: count the reductions of the lowered forward whose operand is as large as x.
     # The exact two-pass form had three (the mean, then the deviations and their squares).
     x = jnp.ones(shape, dtype)
