@@ -140,6 +140,24 @@ def _batch_of_one(x, mask, feature_axes):
     return x[None], mask, tuple(a + 1 for a in feature_axes)
 
 
+def _promoted(layer, x):
+    """``(x, scale, bias, out_dtype)`` of a BatchNorm layer under Flax's dtype rule.
+
+    Flax promotes x, the statistics, scale and bias together (or casts them to ``dtype``)
+    and gives the output ``dtype``, else the result type of x, scale and bias. The stored
+    statistics are passed as they are (float32): the pure function computes in at least
+    float32 and casts the output to that dtype. A complex input promotes real parameters
+    to complex (zero imaginary part); the pure function takes them real, as they are.
+    """
+    scale = layer.scale[...] if layer.scale is not None else None
+    bias = layer.bias[...] if layer.bias is not None else None
+    x, _, _, scale_p, bias_p = layer.promote_dtype(
+        (x, layer.mean[...], layer.var[...], scale, bias), dtype=layer.dtype)
+    out_dtype = dtypes.canonicalize_dtype(x, scale_p, bias_p, dtype=layer.dtype)
+    scale, bias = (_unpromoted(p, v) for p, v in ((scale_p, scale), (bias_p, bias)))
+    return x, scale, bias, out_dtype
+
+
 def _store(variable, value):
     """Write a new running statistic: in place when the dtype is unchanged; replaced when a
     complex input turns a real running mean complex (writing in place would drop the
@@ -234,18 +252,7 @@ class _BatchNormShell(nnx.BatchNorm):
                 f"{self.axis!r}, but the layer was built with num_features="
                 f"{self.num_features!r}. Build it with num_features={n}, or set `axis` to the "
                 f"feature axis.")
-        scale = self.scale[...] if self.scale is not None else None
-        bias = self.bias[...] if self.bias is not None else None
-        # Flax's dtype rule: promote x, statistics, scale and bias together (or cast them to
-        # `dtype`), and give the output `dtype`, else the result type of x, scale and bias.
-        # The stored statistics are passed as they are (float32): the pure function computes
-        # in at least float32 and casts the output to that dtype.
-        x, _, _, scale_p, bias_p = self.promote_dtype(
-            (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
-        out_dtype = dtypes.canonicalize_dtype(x, scale_p, bias_p, dtype=self.dtype)
-        # A complex input promotes real parameters to complex (zero imaginary part); the
-        # pure function takes them real, as they are.
-        scale, bias = (_unpromoted(p, v) for p, v in ((scale_p, scale), (bias_p, bias)))
+        x, scale, bias, out_dtype = _promoted(self, x)
         count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
         state = BatchNormState(self.mean[...], self.var[...], count)
         xb, maskb, axis = x, mask, self.axis
@@ -660,13 +667,7 @@ def _population_call(self, x, use_running_average=None, *, mask=None):
         _checks.check_floating(x, caller.fn)
     x = jnp.asarray(x)
     axes = _checks.normalize_axes(self.axis, x.ndim, caller.fn)
-    scale = self.scale[...] if self.scale is not None else None
-    bias = self.bias[...] if self.bias is not None else None
-    # Flax's dtype rule, as the modules apply it (see _BatchNormShell.__call__).
-    x, _, _, scale_p, bias_p = self.promote_dtype(
-        (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
-    out_dtype = dtypes.canonicalize_dtype(x, scale_p, bias_p, dtype=self.dtype)
-    scale, bias = (_unpromoted(p, v) for p, v in ((scale_p, scale), (bias_p, bias)))
+    x, scale, bias, out_dtype = _promoted(self, x)  # as the modules apply it
     if stats is None:
         stats = empty_stats(tuple(x.shape[a] for a in axes), x.dtype, real_dtype(x.dtype))
     xb, maskb, axis = x, mask, self.axis
