@@ -1,11 +1,13 @@
-"""The benchmark's own machinery (``benchmarks/bench.py``), cheaply: no timing is asserted.
+"""The benchmark's own machinery (the ``benchmarks`` package), cheaply: no timing is asserted.
 
 What is checked: the spread statistic (a distribution-free interval for the median, its
 coverage against a Monte Carlo oracle), the extra rounds it asks for, the eval-mode batch
 norm contenders (against a float64 reference, with non-trivial running statistics), that the
 steps table compares the same model (the ResNet, which has no dropout, gives the same logits
-and statistics with either BatchNorm; the Transformer without dropout the same logits), and
-that the layer grid, the steps table and their markdown run end to end on tiny inputs.
+and statistics with either BatchNorm; the Transformer without dropout the same logits), that
+the layer grid, the steps table and their markdown run end to end on tiny inputs, that the
+sharded-``jit`` probe runs on the session's 8 devices (evaluation: no collective) and its
+markdown prints, and that ``benchmarks/bench.py`` is the thin entry point of the package.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import pytest
 import dropnorm
 import dropnorm.linen as dl
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench  # noqa: E402
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import bench  # noqa: E402  (benchmarks/bench.py, which loads the benchmarks package)
+from bench import grid, scale, steps  # noqa: E402  (modules of the package)
 
 
 def test_median_interval_is_min_max_below_six_rounds_and_narrows_above():
@@ -115,7 +119,7 @@ def test_resnet_is_the_same_model_with_either_batch_norm():
     # through 6 layers: 1e-4 relative, 1e-5 absolute.
     r = bench.STEP_SIZES[True]["resnet"]
     x = jax.random.normal(jax.random.key(0), (r["batch"], r["size"], r["size"], 3))
-    nets = [bench._ResNet(bn, r["stages"], r["width"], axis_name=None)
+    nets = [bench.ResNet(bn, r["stages"], r["width"], axis_name=None)
             for bn in (dl.BatchNorm, nn.BatchNorm)]
     v = _variables(nets[1], x, False)
 
@@ -134,9 +138,9 @@ def test_transformer_without_dropout_has_the_same_logits():
     # rounding of the same arithmetic, possibly in another order: 1e-5.
     t = bench.STEP_SIZES[True]["transformer"]
     x = jax.random.normal(jax.random.key(0), (t["batch"], t["length"], t["dim"]))
-    ours = bench._Transformer(dl.Dropout, dropnorm.dot_product_attention, t["layers"],
+    ours = bench.Transformer(dl.Dropout, dropnorm.dot_product_attention, t["layers"],
                               t["heads"], t["mlp"])
-    theirs = bench._Transformer(nn.Dropout, nn.dot_product_attention, t["layers"], t["heads"],
+    theirs = bench.Transformer(nn.Dropout, nn.dot_product_attention, t["layers"], t["heads"],
                                 t["mlp"])
     v = _variables(theirs, x, False)
 
@@ -151,7 +155,7 @@ def test_transformer_without_dropout_has_the_same_logits():
 
 
 def test_grid_steps_and_markdown_end_to_end(monkeypatch):
-    monkeypatch.setattr(bench, "DTYPES", {"f32": jnp.float32})  # one dtype is enough here
+    monkeypatch.setattr(grid, "DTYPES", {"f32": jnp.float32})  # one dtype is enough here
     res = bench.run([(64, 8)], 2, ["batch_norm"], ["eval"], layer_shape=(16, 8),
                     policies=False, target_spread=None)
     modes = {(r["impl"], r["mode"]) for r in res["rows"] if r["op"] == "batch_norm"}
@@ -161,13 +165,13 @@ def test_grid_steps_and_markdown_end_to_end(monkeypatch):
     # A steps table of two trivial "models", for its code path (run_steps, markdown).
     tiny = {"label": "tiny", "sizes": {}, "args": (jnp.ones(4),),
             "steps": {"dropnorm": lambda x: x + 1, "flax": lambda x: x * 2}}
-    monkeypatch.setattr(bench, "step_models", lambda quick: {"mlp": tiny, "resnet": tiny})
-    steps = bench.run_steps(True, repeats=3, compile_reps=2)
-    assert [m["model"] for m in steps["models"]] == ["mlp", "resnet"]
-    assert steps["models"][0]["rounds"] == 3 and steps["models"][0]["step_target"] == 1.1
-    assert steps["models"][0]["compile_spread"] is not None  # 2 compile rounds: a spread
-    assert steps["models"][0]["compile_cpu_dropnorm_over_flax"] > 0
-    md = bench.markdown(res | {"repeats": 2, "rate": bench.RATE, "steps": steps})
+    monkeypatch.setattr(steps, "step_models", lambda quick: {"mlp": tiny, "resnet": tiny})
+    table = bench.run_steps(True, repeats=3, compile_reps=2)
+    assert [m["model"] for m in table["models"]] == ["mlp", "resnet"]
+    assert table["models"][0]["rounds"] == 3 and table["models"][0]["step_target"] == 1.1
+    assert table["models"][0]["compile_spread"] is not None  # 2 compile rounds: a spread
+    assert table["models"][0]["compile_cpu_dropnorm_over_flax"] > 0
+    md = bench.markdown(res | {"repeats": 2, "rate": bench.RATE, "steps": table})
     assert "| (64, 8) | f32 | eval |" in md and "batch_norm: " in md
     assert "### steps:" in md and "| tiny |" in md and ">= 1.10" in md and "<= 1.15" in md
 
@@ -175,3 +179,68 @@ def test_grid_steps_and_markdown_end_to_end(monkeypatch):
 def test_unknown_mode_is_refused():
     with pytest.raises(SystemExit):
         bench.main(["--modes", "fwd,train"])
+
+
+def test_bench_py_is_the_packages_entry_point():
+    # One package, whichever way it is reached: bench.py's names are the package's objects,
+    # and its subprocesses run bench.py itself.
+    assert bench.main.__module__ == "benchmarks.cli" and bench.run is grid.run
+    assert bench.hlo_collectives is scale.hlo_collectives
+    assert bench.scale_layers is scale.scale_layers and bench.SCALE_FEATURES == 256
+    assert pathlib.Path(scale.BENCH_SCRIPT) == BENCH / "bench.py"
+    env = scale.worker_env(64)
+    assert env["XLA_FLAGS"].split().count("--xla_force_host_platform_device_count=64") == 1
+    assert "device_count=8" not in env["XLA_FLAGS"]  # the session's own count is replaced
+    root = str(pathlib.Path(dropnorm.__file__).resolve().parents[1])
+    assert env["PYTHONPATH"].split(":")[0] == root  # the subprocess measures this dropnorm
+
+
+def test_sharded_probe_counts_no_collective_in_evaluation():
+    # In process, on the session's 8 devices: the two evaluation programs of the sharded-jit
+    # table, both libraries. Evaluation uses the running statistics, so no device needs
+    # another's data: 0 collectives (issue 19). The forward pass, for contrast, needs the
+    # batch statistics across devices: at least one collective, in either library.
+    res = scale.sharded_layers(8, only={"batch_norm eval", "batch_norm fwd"})
+    cells = {(c["program"], c["impl"]): c for c in res["layers"]}
+    assert set(cells) == {(p, i) for p in ("batch_norm eval", "batch_norm fwd")
+                          for i in ("dropnorm", "flax")}
+    for impl in ("dropnorm", "flax"):
+        assert cells[("batch_norm eval", impl)]["count"] == 0, cells[("batch_norm eval", impl)]
+        assert cells[("batch_norm fwd", impl)]["count"] >= 1, cells[("batch_norm fwd", impl)]
+    # Flax's forward: one all-reduce of (mean, mean of squares), 2 x 512 float32.
+    assert cells[("batch_norm fwd", "flax")]["ops"] == [("all-reduce", 2 * 512 * 4)]
+
+
+def test_sharded_markdown_and_kinds():
+    assert scale.kinds([("all-reduce", 8), ("collective-permute", 4), ("all-reduce", 8)]) == \
+        "2 all-reduce + 1 collective-permute"
+    assert scale.kinds([]) == "0"
+
+    def cell(n, program, impl, ops):
+        return {"devices": n, "program": program, "impl": impl, "count": len(ops),
+                "bytes": sum(b for _, b in ops), "ops": ops}
+
+    runs = []
+    for n in (8, 64):
+        layers = [cell(n, "batch_norm fwd", "dropnorm", [("all-reduce", 8192)]),
+                  cell(n, "batch_norm fwd", "flax", [("all-reduce", 4096)])]
+        run = {"devices": n, "features": 512, "batch": 256, "model_axis": 4, "layers": layers}
+        if n == 8:
+            t = {"total_s_median": 2.0, "lower_s_median": 0.5, "compile_s_median": 1.5,
+                 "total_cpu_s_median": 2.5}
+            run["models"] = {
+                "devices": 8, "reps": 3, "batch_norm_layers": 15,
+                "sizes": {"batch": 64, "size": 32, "width": 16, "stages": [2, 2, 2]},
+                "collectives": {"dropnorm": {"count": 2, "bytes": 10, "ops": [
+                    ("all-reduce", 5)] * 2}, "flax": {"count": 1, "bytes": 5,
+                                                      "ops": [("all-reduce", 5)]}},
+                "compile": {"dropnorm": t, "flax": t}, "compile_dropnorm_over_flax": 1.2,
+                "compile_spread": 0.1, "compile_cpu_dropnorm_over_flax": 1.0,
+                "compile_cpu_spread": None, "compile_target": 1.15}
+        runs.append(run)
+    md = bench.markdown({"sharded": {"uptime_before": "u0", "uptime_after": "u1",
+                                     "runs": runs}})
+    assert "### sharded jit: collectives per BatchNorm layer (512 features" in md
+    assert "| 1 / 1 | 8,192 / 8,192 | 1 / 1 | 4,096 / 4,096 | **2.00x** | 1 all-reduce " in md
+    assert "### sharded jit: a ResNet train step on 8 devices" in md
+    assert "| dropnorm | 2 | 10 | 2 all-reduce |" in md and "**1.20** | <= 1.15 (**not met**)" in md
