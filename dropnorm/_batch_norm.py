@@ -136,6 +136,12 @@ class PopulationStats(NamedTuple):
     updates: jax.Array  # the state count's shape ((), stacked layers: (layers,)), int32
 
 
+# Exported programs (jax.export) may take and return these types: serialised by name.
+for _cls in (BatchNormParams, BatchNormState, PopulationStats):
+    jax.export.register_namedtuple_serialization(_cls, serialized_name=f"dropnorm.{_cls.__name__}")
+del _cls
+
+
 def _accumulate(stats: PopulationStats, x, mask, rough, lay, red: Reducer) -> PopulationStats:
     """``stats`` with the batch ``x`` (over ``red``'s devices) merged in.
 
@@ -277,7 +283,10 @@ def _forward(spec: _Spec, x, mask, scale, bias, epsilon, run_mean, run_var, trai
     element, or every feature when a traced ``train`` is False, uses the running
     statistics (``M = running mean``, ``K = 1 / sqrt(running var + epsilon)``, ``D = 0``).
     """
-    mean, var, count = batch_moments(x, spec.reduction_axes, mask=mask, red=spec.red)
+    # The running mean is the statistics' shift: every device holds it, so the common case
+    # costs one pass over x and one collective (_moments.shifted_moments).
+    mean, var, count = batch_moments(x, spec.reduction_axes, mask=mask, red=spec.red,
+                                     shift=run_mean)
     inv = lax.rsqrt(var + epsilon)
     r = d = None
     if bounds is not None:  # batch renormalisation: r and d are constants (no gradient)
@@ -524,7 +533,8 @@ def _core(caller, params, state, x, train, *, axis, momentum, epsilon, mask, axi
         size = 1 if names is None else _axis_size(names, fn)
         chunks, span = ghost_layout(x.shape, lay.reduction_axes, v, size, names is not None, fn)
         per_chunk = math.prod(x.shape[a] for a in lay.reduction_axes if a != 0) * v
-        if names is None and not caller.flax_small_batch and per_chunk < 2:
+        if names is None and not caller.flax_small_batch and _checks.is_static(per_chunk) \
+                and per_chunk < 2:
             raise ValueError(f"{fn}: ghost batches of `virtual_batch_size`={v} give {per_chunk} "
                              f"value per feature; statistics need at least 2.")
         chunked = (chunks, x.shape[0] // chunks) + x.shape[1:]
@@ -533,11 +543,12 @@ def _core(caller, params, state, x, train, *, axis, momentum, epsilon, mask, axi
         red_axes = tuple(a + 1 for a in lay.reduction_axes)
         sshape = (1,) + lay.stats_shape
     elif (names is None and not caller.flax_small_batch
-          and math.prod(x.shape[a] for a in lay.reduction_axes) < 2):
+          and _checks.is_static(n_values := math.prod(x.shape[a] for a in lay.reduction_axes))
+          and n_values < 2):  # a symbolic batch (jax.export) cannot be checked: see Raises
         raise ValueError(
             f"{fn}: the batch is too small: training needs at least 2 values per feature to "
             f"compute statistics, but {caller.x_name}.shape={tuple(x.shape)} with "
-            f"`axis`={axis!r} gives {math.prod(x.shape[a] for a in lay.reduction_axes)}. Use "
+            f"`axis`={axis!r} gives {n_values}. Use "
             f"a bigger batch, {caller.train_off}, or pass `axis_name` when the batch is spread "
             f"over a mapped axis."
         )
@@ -603,19 +614,23 @@ def batch_norm(params, state, x, train, *, axis=-1, momentum=0.99, epsilon=1e-5,
     ``var``), ``new.count = state.count + 1``. Evaluation: the same formula with
     the running statistics; the state is returned unchanged.
 
-    Statistics are computed in at least float32 as sums of deviations from a shift
-    within ``8 std`` of the mean (the mean of the batch's first 1/64), in one
-    pass over ``x`` as Flax's ``E[x^2] - E[x]^2``, so the variance stays accurate when
+    Statistics are computed in at least float32 as sums of the deviations from the
+    running mean and of their squares, in one pass over ``x`` as Flax's
+    ``E[x^2] - E[x]^2``; when the running mean is more than 8 standard deviations
+    from the batch's mean (early in training, on uncentred data), a second pass
+    about the batch's mean runs instead. So the variance stays accurate when
     ``|mean| >> std``, is never negative, and is exactly 0 for a constant feature;
     the output has the input's dtype (bf16 in, bf16 out) unless ``dtype`` says
     otherwise. Complex input gives a complex mean, the real
     variance ``E|x - mean|^2`` and a complex output (as Flax), and a complex
     running mean (Flax drops its imaginary part).
 
-    Across devices (``axis_name``) the statistics cost two ``psum`` collectives of
-    O(features) numbers whatever the number of devices: ``3 x features`` floats in
-    all (``4 x`` with a ``mask``), exact for uneven masks and for devices whose
-    data sit at very different means.
+    Across devices the statistics cost one collective of ``2 x features`` numbers
+    (``3 x`` with a ``mask``) whatever the number of devices, the size of Flax's,
+    and a second one of ``2 x features`` in the rare second pass: a ``psum`` over
+    ``axis_name`` (``shard_map``, ``pmap``, ``vmap``), or, under a batch-sharded
+    ``jax.jit`` without ``axis_name``, the all-reduce XLA inserts. Exact for uneven
+    masks and for devices whose data sit at very different means.
 
     Args:
       params: ``BatchNormParams`` (scale and bias, either may be None), or None

@@ -40,6 +40,12 @@ def is_traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
+def is_static(n: Any) -> bool:
+    """Whether a size is a known integer: False for a symbolic dimension (``jax.export``'s
+    shape polymorphism), whose comparisons with numbers may be undecidable at trace time."""
+    return isinstance(n, (int, np.integer))
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, (jax.Array, np.ndarray)):
         return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"

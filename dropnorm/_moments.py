@@ -1,28 +1,30 @@
-"""Batch moments: exact shifted statistics, padding masks, O(features) across devices.
+"""Batch moments: exact shifted statistics, padding masks, one collective across devices.
 
-Locally, the sums of the deviations from a shift and of their squares, in one pass over
-``x``; the shift (the mean of the batch's first 1/64) is within 8 standard
-deviations of the mean whatever the data, so the correction amplifies the sums'
-rounding by at most a factor 65, never by the data's magnitude: a constant feature gets exactly its
-value as mean and exactly 0 as variance, the variance stays accurate when
-``|mean| >> std`` and is never negative. The one-pass ``E[x^2] - E[x]^2`` (Flax's
-default) reads ``x`` as often and loses every digit when ``|mean| >> std``.
+The sums of the deviations from a shift and of their squares, in one pass over ``x``:
+``mean = shift + S1 / n`` and ``M2 = S2 - n |S1 / n|^2``. The shift is the running mean,
+a value every device already holds (replicated under a sharded ``jax.jit``, and under
+``shard_map``, ``pmap`` and ``vmap`` alike), so across devices the statistics cost one
+collective of the sums, ``2 x features`` numbers (plus the counts when a mask makes them
+data-dependent), whatever the number of devices and whatever the parallelism: an
+``axis_name`` ``psum``, or the all-reduce that XLA's partitioner inserts for a batch-sharded
+``jit``. Nothing is sliced out of the batch, so nothing is shipped between devices.
 
-Across devices, two ``psum``s of O(features) numbers, whatever the number of devices:
-the weighted means (and the counts, when a mask makes them data-dependent) give a
-common centre ``c``; then each device's centred first and second moments about ``c``
-combine exactly (Chan et al.'s pairwise formula, written about ``c``), with every
-device's mean kept as ``shift + mean_d`` so that nothing is rounded at the data's
-magnitude before the deviations between devices are formed. Devices with different
-numbers of valid (unmasked) elements are weighted correctly, and devices whose data
-sit at very different means do not bias the variance. A ``psum`` is replicated, so the
-new running statistics can leave ``shard_map`` with ``out_specs=P()``; over ``vmap``
-axes it costs no communication.
+How much the correction ``n |S1 / n|^2`` cancels depends on ``r = |mean - shift|^2 / var``:
+the variance's relative rounding error is about ``(1 + r) u``. When ``r > POOR`` (64) for
+some feature (a running mean far from the batch's, as at the first steps of training on
+uncentred data), a second round sums the deviations from the first round's mean (the
+corrected two-pass algorithm, Chan, Golub & LeVeque 1983) in a ``lax.cond`` whose predicate
+comes from the all-reduced sums, so every device takes the same branch. So the variance
+stays accurate when ``|mean| >> std`` (Flax's ``E[x^2] - E[x]^2`` has ``r = mean^2 / var``
+and loses every digit), is never negative, and a constant feature gets exactly its value as
+mean and exactly 0 as variance. Devices with different numbers of valid (unmasked)
+elements are weighted correctly, and devices whose data sit at very different means do not
+bias the variance: every device sums deviations from the same shift, so the sums simply add.
 
 ``axis_index_groups`` is implemented here rather than passed to JAX, because JAX
 supports it in ``pmap`` only (``vmap`` collectives and ``psum`` under ``shard_map``
 raise ``NotImplementedError`` for it in JAX 0.10): each device writes its sums into
-its group's row of a ``(groups, ...)`` array and the same two ``psum``s run on that,
+its group's row of a ``(groups, ...)`` array and the same ``psum`` runs on that,
 so groups (of any sizes) cost O(groups x features), never O(devices x features), and
 work the same under ``shard_map``, ``pmap`` and ``vmap``. Ghost batches that span
 several devices are groups of consecutive devices; when they span a power of two of
@@ -186,6 +188,20 @@ class Reducer(NamedTuple):
         return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, mine, 0, keepdims=False),
                             full)
 
+    def group_size(self):
+        """How many devices this device's sums run over: a Python int, or (groups of
+        unequal sizes) an int32 scalar looked up by the device's index; no communication."""
+        if self.names is None:
+            return 1
+        if self.ids is None:
+            return self.size
+        if self.span > 1:
+            return self.span
+        sizes = np.bincount(self.ids, minlength=self.n_groups)
+        if len(set(sizes.tolist())) == 1:
+            return int(sizes[0])
+        return jnp.asarray(sizes[list(self.ids)], jnp.int32)[lax.axis_index(self.names)]
+
     def total_by_group(self, v, mine=None):
         """``(n_groups, ...)``: every group's sum of ``v``, on every device (one ``psum``)."""
         if mine is None:
@@ -230,139 +246,78 @@ def _sums(xf, reduction_axes, mask, centre):
             jnp.sum(abs2(d_sq), reduction_axes, keepdims=True))
 
 
-# The shift of the unmasked statistics is the mean of the first 1/SUBSAMPLE of the batch (at
-# least one row): see local_moments. 16 cost 0.88x Flax's forward at (256, 56, 56, 64) float32
-# against 0.94x for 64 (the slice is copied before it is summed); the bound below is 64.
-SUBSAMPLE = 64
+# The second round runs when, for some feature, |mean - shift|^2 > POOR * var: the first
+# round's variance then carries a relative rounding error of up to (1 + POOR) u (u: the float32
+# summation's relative error), the same bound the statistics have always had.
+POOR = 64.0
 
 
-def _subsample_shift(x, reduction_axes):
-    """A per-feature shift within ``sqrt(SUBSAMPLE) * std`` of the mean, from a slice of x.
-
-    The mean of the first ``ceil(b / SUBSAMPLE)`` rows along the first reduction axis (of
-    size ``b``), written as ``x0 + mean(rows - x0)`` with ``x0`` the first element, so
-    that a constant feature gets exactly its value. For any ``m`` of the ``n`` elements,
-    ``(mean_m - mean)^2 <= (1/m) sum_m (x_i - mean)^2 <= (n/m) var`` (Cauchy-Schwarz), and
-    ``n/m <= SUBSAMPLE`` here.
-
-    The slices are taken from ``x`` behind an optimisation barrier: a second user of ``x``
-    otherwise makes XLA CPU share ``x.astype(float32)`` between the slice and the
-    statistics, and write that float32 copy of a bfloat16 input out in full (one more
-    input-sized pass; (4096, 4096) bfloat16 forward: 0.5-0.6x Flax's time instead of 1x).
-    """
-    dt = stats_dtype(x.dtype)
-    a = reduction_axes[0]
-    rows = -(-x.shape[a] // SUBSAMPLE)
-    xb = lax.optimization_barrier(x)
-    head = lax.slice_in_dim(xb, 0, rows, axis=a).astype(dt)
-    x0 = lax.slice(head, (0,) * x.ndim, tuple(1 if i in reduction_axes else n
-                                              for i, n in enumerate(head.shape)))
-    if rows == 1 and head.shape == x0.shape:
-        return x0
-    return x0 + jnp.mean(head - x0, reduction_axes, keepdims=True)
-
-
-def local_moments(x, reduction_axes, mask):
-    """This device's ``(count, shift, mean_d, M2)``, each of x's rank (size 1 when reduced).
-
-    Sums of the deviations ``d = x - shift`` and of their squares: the mean is
-    ``shift + mean(d)`` and ``M2 = sum(|d|^2) - n |mean(d)|^2``, kept as the pair
-    ``(shift, mean_d)`` so that combining devices does not round each device's mean first.
-    How much the correction ``n |mean(d)|^2`` cancels depends on how far ``shift`` is
-    from the mean, in units of the spread: the variance's relative rounding error is
-    about ``(1 + r) u`` (``u`` the summation's relative error) with
-    ``r = |mean - shift|^2 / var``.
-
-    Without a mask, one pass over ``x``: ``shift`` is the mean of the first
-    ``1/SUBSAMPLE`` of the batch (:func:`_subsample_shift`), so ``r <= SUBSAMPLE = 64``
-    whatever the data (Cauchy-Schwarz; typically ``r ~ 1/m``), which keeps the variance
-    accurate when ``|mean| >> std`` (Flax's ``E[x^2] - E[x]^2`` has ``r = mean^2 / var``)
-    and reads ``x`` ``1 + 1/64`` times instead of twice. A constant feature gets exactly
-    its value as mean and 0 as M2.
-
-    With a mask, the corrected two-pass algorithm (Chan, Golub & LeVeque 1983): the
-    shift is the mean of the valid elements (a first pass), so ``r`` is only that
-    pass's rounding (no bound like the one above holds for a slice of a masked batch).
-
-    (Two designs measured and dropped: the two-pass form for every input reads ``x`` a
-    third time, 0.68-0.85x Flax's forward on this CPU; a one-pass variant around one
-    data element with a ``lax.cond`` for a second pass when that element is an outlier
-    added 14 fusions per layer to the compiled 12-layer training step, 642 against
-    Flax's 474.)
-    """
-    dt = stats_dtype(x.dtype)
-    rdt = real_dtype(x.dtype)
-    xf = x.astype(dt)
-    if mask is None:
-        n = math.prod(x.shape[a] for a in reduction_axes)
-        count = jnp.full((1,) * x.ndim, n, rdt)
-        if reduction_axes:
-            shift = lax.stop_gradient(_subsample_shift(x, reduction_axes))
-        else:
-            shift = lax.stop_gradient(xf)
-    else:
-        count = jnp.sum(mask, reduction_axes, keepdims=True, dtype=rdt)
-        total = jnp.sum(jnp.where(mask, xf, jnp.zeros((), dt)), reduction_axes, keepdims=True)
-        shift = lax.stop_gradient(total / jnp.maximum(count, 1.0))
-    s1, s2 = _sums(xf, reduction_axes, mask, shift)
-    mean_d = s1 / jnp.maximum(count, 1.0)
-    m2 = s2 - count * abs2(mean_d)
-    count = jnp.broadcast_to(count, mean_d.shape)
-    return count, shift, mean_d, jnp.maximum(m2, 0.0)
-
-
-def _stack_or_tuple(parts):
-    """One array (one collective) when the dtypes agree, else a tuple."""
-    if len({p.dtype for p in parts}) == 1:
-        return jnp.stack(parts)
-    return tuple(parts)
-
-
-def _unstack(packed, n):
-    return tuple(packed[i] for i in range(n)) if not isinstance(packed, tuple) else packed
-
-
-def combine(local, red: Reducer, masked: bool, by_group: bool = False):
-    """Global ``(count, mean, M2)`` from every device's ``(count, shift, mean_d, M2)``.
-
-    Two collectives of O(features) numbers, whatever the number of devices:
-
-    1. ``c = sum(n_i m_i) / N`` with ``m_i = shift_i + mean_d_i`` (one ``psum`` of the
-       weighted sums, plus the counts when a mask makes them data-dependent). ``c`` is
-       the global mean up to rounding at the data's magnitude.
-    2. With ``e_i = (shift_i - c) + mean_d_i`` (exact where it matters: ``shift_i - c``
-       is exact for values within a factor 2 of each other), one ``psum`` of
-       ``n_i e_i`` and ``M2_i + n_i |e_i|^2``: ``mean = c + E1 / N`` and
-       ``M2 = E2 - N |E1 / N|^2``, Chan et al.'s exact combination written about ``c``;
-       the correction ``|E1 / N|`` is only the rounding of step 1, so it cancels nothing.
-
-    With ``by_group`` the result has a leading ``(n_groups,)`` axis: every group's
-    statistics on every device (ghost batches need them all for the running average).
-    """
-    count, shift, mean_d, m2 = local
-    mean_i = shift + mean_d
+def _total(red: Reducer, parts):
+    """``red.total`` of several per-feature arrays in one collective (a stack, or a tuple
+    when the dtypes differ: one tuple all-reduce). Without ``axis_name`` nothing to do: under
+    a sharded ``jax.jit`` XLA reduces the sums across devices itself (and fuses them)."""
     if red.names is None:
-        return count, mean_i, m2
-    total = red.total_by_group if by_group else red.total
-    if masked or (red.ids is not None and red.span == 1):  # data- or group-dependent counts
-        n_total, weighted = _unstack(total(_stack_or_tuple([count, count * mean_i])), 2)
-    else:  # the count is the same static number on every device (of every group)
-        n_total = count * (red.size if red.ids is None else red.span)
-        weighted = total(count * mean_i)
-    n_total = n_total.real if jnp.iscomplexobj(n_total) else n_total
-    safe = jnp.maximum(n_total, 1.0)
-    centre = lax.stop_gradient(weighted / safe)
-    e = (shift - centre) + mean_d
-    e = jnp.where(count > 0, e, jnp.zeros((), e.dtype))
-    e1, e2 = _unstack(total(_stack_or_tuple([count * e, (m2 + count * abs2(e)).astype(e.dtype)])),
-                      2)
-    e2 = e2.real if jnp.iscomplexobj(e2) else e2
-    mean_rel = e1 / safe
-    mean = jnp.where(n_total > 0, centre + mean_rel, jnp.zeros((), mean_rel.dtype))
-    return n_total, mean, jnp.maximum(e2 - n_total * abs2(mean_rel), 0.0)
+        return parts
+    if len({p.dtype for p in parts}) == 1:
+        packed = red.total(jnp.stack(parts))
+        return [packed[i] for i in range(len(parts))]
+    return list(red.total(tuple(parts)))
 
 
-def batch_moments(x, reduction_axes, *, mask=None, red: Reducer | None = None):
+def shifted_moments(x, reduction_axes, shift, *, mask=None, red: Reducer | None = None):
+    """Per-feature ``(count, mean, M2)`` from sums of deviations from ``shift``.
+
+    ``shift`` (x's rank, size 1 along ``reduction_axes``) is a value every device already
+    holds (the running mean, under ``jit``, ``shard_map``, ``pmap`` and ``vmap`` alike), so
+    the statistics cost one pass over ``x`` and one collective of the sums ``S1``, ``S2``
+    (and the counts, when a mask or groups make them data-dependent): ``mean = shift + S1 /
+    n`` and ``M2 = S2 - n |S1 / n|^2``. How much that correction cancels depends on
+    ``r = |mean - shift|^2 / var``: the variance's relative rounding error is about
+    ``(1 + r) u``. When ``r > POOR`` for some feature (a running mean far from the batch's,
+    as at the first steps of training on uncentred data), a second round sums the
+    deviations from the now-known mean, which every device holds too (it was computed from
+    all-reduced sums); the predicate comes from all-reduced values as well, so every device
+    takes the same branch. Its ``r`` is only the first round's rounding, so it cancels
+    nothing. A constant feature gets exactly its value as mean and exactly 0 as ``M2``: its
+    deviations from the second round's shift are all one float32 ``delta`` of a few
+    significant bits, whose sums are exact.
+    """
+    red = Reducer() if red is None else red
+    dt, rdt = stats_dtype(x.dtype), real_dtype(x.dtype)
+    xf = x.astype(dt)
+    shift = jnp.asarray(shift).astype(dt)
+    shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, jnp.zeros((), dt)))
+
+    def round_sums(centre, with_count):
+        s1, s2 = _sums(xf, reduction_axes, mask, centre)
+        parts = [s1, s2]
+        if with_count:
+            parts.append(jnp.sum(mask, reduction_axes, keepdims=True, dtype=rdt))
+        return _total(red, parts)
+
+    if mask is not None:  # data-dependent counts travel with the sums
+        s1, s2, count = round_sums(shift, True)
+    else:  # known without communication, even for groups of unequal sizes
+        s1, s2 = round_sums(shift, False)
+        n = math.prod(x.shape[a] for a in reduction_axes) * red.group_size()
+        count = jnp.broadcast_to(jnp.asarray(n, rdt), s2.shape)
+    safe = jnp.maximum(count, 1.0)
+    mean_d = s1 / safe
+    m2 = s2 - count * abs2(mean_d)
+    poor = jnp.any(abs2(mean_d) * safe > POOR * m2)  # r > POOR (m2 <= 0 with mean_d != 0 too)
+
+    def second_round():
+        centre = lax.stop_gradient(shift + mean_d)
+        t1, t2 = round_sums(centre, False)
+        md = t1 / safe
+        return centre + md, t2 - count * abs2(md)
+
+    mean, m2 = lax.cond(poor, second_round, lambda: (shift + mean_d, m2))
+    mean = jnp.where(count > 0, mean, jnp.zeros((), mean.dtype))
+    return count, mean, jnp.maximum(m2, 0.0)
+
+
+def batch_moments(x, reduction_axes, *, mask=None, red: Reducer | None = None, shift=None):
     """Per-feature mean, biased variance and element count over ``reduction_axes``.
 
     Args:
@@ -371,6 +326,9 @@ def batch_moments(x, reduction_axes, *, mask=None, red: Reducer | None = None):
         batch is a mapped axis, e.g. one example per ``vmap`` lane).
       mask: None, or a boolean array of ``x``'s shape; False elements are left out.
       red: a :class:`Reducer` (from :func:`reducer`): statistics over devices as well.
+      shift: a guess of the mean that every device holds (broadcastable to the statistics'
+        shape; default 0): see :func:`shifted_moments`. Any value gives exact statistics;
+        a good one saves the second round.
 
     Returns:
       ``(mean, var, count)``, each with ``x``'s rank (size 1 along the reduced axes):
@@ -378,8 +336,10 @@ def batch_moments(x, reduction_axes, *, mask=None, red: Reducer | None = None):
       ``E|x - mean|^2`` and the count real. Features with no valid element get mean 0,
       variance 0 and count 0.
     """
-    red = Reducer() if red is None else red
-    count, mean, m2 = combine(local_moments(x, reduction_axes, mask), red, mask is not None)
+    stats_shape = tuple(1 if a in reduction_axes else n for a, n in enumerate(x.shape))
+    shift = jnp.zeros(stats_shape, stats_dtype(x.dtype)) if shift is None else (
+        jnp.broadcast_to(shift, stats_shape))
+    count, mean, m2 = shifted_moments(x, reduction_axes, shift, mask=mask, red=red)
     return mean, m2 / jnp.maximum(count, 1.0), count
 
 

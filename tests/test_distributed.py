@@ -166,6 +166,105 @@ def test_sharded_jit_without_axis_name_equals_single_device():
     tree_close(grads, grads0)
 
 
+@functools.cache
+def _sharded_bn():
+    # One jitted train-mode layer with its gradients: each case below compiles it once per
+    # shape and sharding (the state is an argument, so the running mean, the statistics'
+    # shift, may be anything).
+    def f(params, state, x, w, mask):
+        def loss(p, x):
+            y, s = dropnorm.batch_norm(p, state, x, True, momentum=0.0, mask=mask)
+            return jnp.sum(y.astype(jnp.float32) * w), (y, s)
+
+        (_, out), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
+        return out, grads
+
+    return jax.jit(f)
+
+
+def _hard_case(case):
+    """``(x, mask, state, mesh axes of x)`` for the sharded-jit hard cases."""
+    rng = np.random.default_rng(11)
+    rows = np.arange(64)
+    x = rng.standard_normal((64, 4)).astype(np.float32)
+    mask, spec, dims = None, ("d",), (N,)
+    _, state = dropnorm.batch_norm_init(4)
+    if case == "shards at +1e4 and -1e4":  # half the devices at each: r ~ 0, one round
+        x = x + np.where(rows < 32, 1e4, -1e4)[:, None].astype(np.float32)
+    elif case == "shards at 1e4 + d":  # almost all the spread between devices; r ~ 1e7
+        x = (1e4 + (rows // 8)[:, None] + 0.05 * x).astype(np.float32)
+    elif case == "an empty shard":  # device 2 has no valid row, device 5 one
+        valid = np.array([8, 3, 0, 8, 5, 1, 8, 2])
+        mask = (np.arange(8)[None, :] < valid[:, None]).reshape(64, 1)
+        x = x + 10.0 * (rows // 8)[:, None]
+    elif case == "bfloat16":
+        x = jnp.asarray(3.0 + 2.0 * x, jnp.bfloat16)
+    elif case == "running mean far away":  # the second round, on every device alike
+        state = state._replace(mean=jnp.full((4,), -5e3))
+    elif case == "2-D mesh":  # batch on "d" (4 devices), features on "m" (2)
+        spec, dims = ("d", "m"), (4, 2)
+        x = 2.0 + x
+    return x, mask, state, spec, dims
+
+
+@pytest.mark.parametrize("case", ["shards at +1e4 and -1e4", "shards at 1e4 + d",
+                                  "an empty shard", "bfloat16", "running mean far away",
+                                  "2-D mesh"])
+def test_sharded_jit_hard_cases_equal_single_device(case):
+    # A batch-sharded jax.jit, no axis_name: XLA's partitioner reduces the statistics across
+    # devices. Outputs, statistics and gradients equal the single-device ones (TOL, as for
+    # axis_name: float32 sums in another order) and the statistics the float64 oracle.
+    x, mask, state, spec, dims = _hard_case(case)
+    mesh = Mesh(np.array(jax.devices()[:N]).reshape(dims), spec)
+    k = jax.random.split(jax.random.key(4), 2)
+    params = dropnorm.BatchNormParams(1.0 + 0.3 * jax.random.normal(k[0], (4,)),
+                                      0.2 * jax.random.normal(k[1], (4,)))
+    w = np.asarray(jax.random.normal(jax.random.key(5), x.shape), np.float32)
+    put = lambda a, p: None if a is None else jax.device_put(a, NamedSharding(mesh, p))  # noqa
+    feat = P("m") if "m" in spec else P()
+    sharded = _sharded_bn()(put(params, feat), put(state, P()) if feat == P() else
+                            state._replace(mean=put(state.mean, feat), var=put(state.var, feat),
+                                           count=put(state.count, P())),
+                            put(x, P(*spec)), put(w, P(*spec)), put(mask, P("d")))
+    one = jax.devices()[0]
+    single = _sharded_bn()(*jax.device_put((params, state, x, w, mask), one))
+    (y, s), _ = sharded
+    assert len(y.sharding.device_set) == N
+    # bfloat16 outputs: their own rounding (2**-8 relative), the rest as for axis_name.
+    tol = dict(rtol=1e-2, atol=1e-2) if case == "bfloat16" else TOL
+    close(y.astype(jnp.float32), single[0][0].astype(jnp.float32), **tol)
+    tree_close(sharded[1], single[1], **tol)
+    mean, var, _ = oracle(np.asarray(x, np.float32), np.ones((1, 1), bool) if mask is None
+                          else mask)
+    # Values up to 1e4 in float32 with a spread from 0.05 to 1e4: the variance to 1e-4
+    # relative; the mean to float32 rounding at the data's magnitude (sums of 64 values of 1e4
+    # are rounded to 2e-3 in any order: 4 ulps of 1e4 relative, plus TOL).
+    mean_tol = dict(rtol=1e-5, atol=1e-5 + 5e-7 * float(np.max(np.abs(np.asarray(x, float)))))
+    close(s.var, single[0][1].var, rtol=1e-4, atol=0)
+    close(s.mean, single[0][1].mean, **mean_tol)
+    close(s.var, var, rtol=1e-4, atol=0)
+    close(s.mean, mean, **mean_tol)
+
+
+def test_sharded_jit_on_an_explicit_mesh():
+    # jax.make_mesh's default axis type in JAX 0.10 is Explicit: the shardings are part of the
+    # types, and an operation XLA would have to move data for (a slice of the batch, which the
+    # earlier shift took) raises at trace time. The layer and dropout run there too, with the
+    # single-device results.
+    mesh = jax.make_mesh((N,), ("d",))
+    assert mesh.axis_types == (jax.sharding.AxisType.Explicit,)
+    params, state, x, w = setup((32, 3))
+    xs = jax.device_put(x, NamedSharding(mesh, P("d")))
+    (y, s), grads = reference(params, state, xs, w)
+    (y0, s0), grads0 = reference(params, state, x, w)
+    close(y, y0)
+    tree_close(s, s0)
+    tree_close(grads, grads0)
+    drop = jax.jit(lambda k, x: dropnorm.dropout(k, x, 0.5, True))
+    np.testing.assert_array_equal(np.asarray(drop(jax.random.key(3), xs)),
+                                  np.asarray(drop(jax.random.key(3), x)))
+
+
 # ----------------------------------------------------------------------------------------------
 # Exactness: masks with different valid counts per device, and very different per-device means.
 
