@@ -54,6 +54,7 @@ from benchmarks.models import (  # noqa: E402
 from benchmarks.report import markdown  # noqa: E402
 from benchmarks.scale import (  # noqa: E402
     SCALE_FEATURES,
+    conditional_collectives,
     hlo_collectives,
     run_scale,
     run_sharded,
@@ -71,7 +72,8 @@ from benchmarks.timing import (  # noqa: E402
 
 __all__ = [
     "DTYPES", "MAIN", "MODES", "RATE", "SCALE_FEATURES", "SPREAD_LEVEL", "STEP_SIZES",
-    "ResNet", "Transformer", "attention", "bn_target_summary", "eval_stats", "grid",
+    "ResNet", "Transformer", "attention", "bn_target_summary", "conditional_collectives",
+    "eval_stats", "grid",
     "hlo_collectives", "main", "markdown", "masks", "median_interval", "models",
     "ratio_stats", "report", "run", "run_scale", "run_sharded", "run_steps", "scale",
     "scale_layers", "sharded_layers", "spread_above", "step_models", "steps",

@@ -89,10 +89,52 @@ def hlo_collectives(hlo_text: str) -> list[tuple[str, int]]:
     return found
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
+_BRANCHES = re.compile(r"(?:branch_computations=\{([^}]*)\}|true_computation=%?([\w.\-]+)|"
+                       r"false_computation=%?([\w.\-]+))")
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
+
+
+def conditional_collectives(hlo_text: str) -> list[bool]:
+    """For each collective of :func:`hlo_collectives` (same order): whether it sits in a
+    branch of a ``conditional`` (``lax.cond``), i.e. runs only when that branch is taken.
+
+    A computation is conditional when a ``conditional`` instruction names it as a branch, or
+    when a conditional computation calls it.
+    """
+    owner, calls, branches, flags = None, {}, set(), []
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            owner = m.group(1)
+            calls.setdefault(owner, set())
+            continue
+        for b in _BRANCHES.finditer(line):
+            names = b.group(1).split(",") if b.group(1) else [b.group(2) or b.group(3)]
+            branches.update(n.strip().lstrip("%") for n in names if n.strip())
+        if owner is not None:
+            calls[owner].update(c for c in _CALLS.findall(line))
+        m = _INSTR.match(line)
+        if m and m.group(3).removesuffix("-start") in COLLECTIVES and \
+                not m.group(3).endswith("-done"):
+            flags.append(owner)
+    inside, todo = set(), list(branches)
+    while todo:
+        c = todo.pop()
+        if c not in inside:
+            inside.add(c)
+            todo.extend(calls.get(c, ()))
+    return [o in inside for o in flags]
+
+
 def _probe(lower: Callable) -> dict:
     compiled, times = compile_timed(lower)
-    ops = hlo_collectives(compiled.as_text())
-    return {"count": len(ops), "bytes": sum(b for _, b in ops), "ops": ops, **times}
+    text = compiled.as_text()
+    ops = hlo_collectives(text)
+    cond = conditional_collectives(text)
+    cond_bytes = sum(b for (_, b), c in zip(ops, cond, strict=True) if c)
+    return {"count": len(ops), "bytes": sum(b for _, b in ops), "ops": ops,
+            "cond_count": sum(cond), "cond_bytes": cond_bytes, **times}
 
 
 # --- axis_name: one layer under shard_map, pmap and vmap; the pmap ResNet step ----------------
