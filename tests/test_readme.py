@@ -19,7 +19,7 @@ def _blocks(text, lang):
 def test_the_guides_are_pages_of_the_site():
     names = {p.relative_to(ROOT / "docs").as_posix() for p in PAGES}
     for guide in ["quickstart", "conventions", "why_we_differ", "linen", "nnx",
-                  "flax_differences", "scaling_out", "porting_pytorch", "family"]:
+                  "flax_differences", "scaling_out", "export", "porting_pytorch", "family"]:
         assert f"guides/{guide}.md" in names
 
 
