@@ -187,8 +187,7 @@ def random_map_as(caller, kind, key, x, rate, train, *, broadcast_dims=(),
     # Threefry only derives the hash's 64-bit seed; deriving it here, outside the custom rule,
     # makes the seed (8 bytes) the residual, so the backward pass regenerates the mask with
     # the cheap hash alone, and threefry is traced and compiled once per layer, not twice.
-    seeded = _KINDS[kind] != "gaussian" and _masks.uses_hash(_masks.n_words(mask_shape,
-                                                                            mask_bits))
+    seeded = _KINDS[kind] != "gaussian"
     static = _Static(_KINDS[kind], mask_shape, mask_bits,
                      rate if isinstance(rate, float) else None, seeded, block)
     dyn_rate = jnp.float32(0.0) if isinstance(rate, float) else rate
@@ -217,7 +216,9 @@ def dropout(key, x, rate, train, *, broadcast_dims=(),
     finer still (the float32 rate's own resolution). One 32-bit random word feeds
     ``32 // mask_bits`` elements; the words come from a cheap keyed hash
     (``dropnorm._masks``), so on CPU 16 and 32 bits cost about the same (8-bit masks
-    were removed: slower than 16 bits and only coarser; BENCHMARKS.md).
+    were removed: slower than 16 bits and only coarser; BENCHMARKS.md). The word's index
+    is a 64-bit counter: any size, one generator. The mask a key gives is a contract,
+    the same on every release, platform and sharding (docs/guides/conventions.md).
 
     Args:
       key: a PRNG key (``jax.random.key(seed)``); may be None when ``train`` is False.
@@ -403,7 +404,8 @@ def _check_drop_block_args(fn, x, block_size, spatial_axes, channel_axis, x_name
             f"{fn}: `block_size` must be a positive int, or a tuple of {len(spatial)} positive "
             f"ints (one per spatial axis); got {block_size!r}.")
     for a, b in zip(spatial, sizes, strict=True):
-        if b > x.shape[a]:
+        # A symbolic size (jax.export) cannot be compared: not checked (drop_block's docstring).
+        if not jax.export.is_symbolic_dim(x.shape[a]) and b > x.shape[a]:
             raise ValueError(
                 f"{fn}: `block_size`={block_size!r} is larger than the feature map: axis {a} "
                 f"has size {x.shape[a]} ({x_name}.shape={tuple(x.shape)}). Use a block of at most "
@@ -439,7 +441,10 @@ def drop_block(key, x, rate, train, *, block_size, spatial_axes=(1, 2), channel_
       rate: the fraction of the (interior) feature map to drop, in [0, 1]; may be traced.
       train: True to drop, False to return ``x``; may be traced.
       block_size: the block's size: an int (the same along every spatial axis) or a
-        tuple, one per spatial axis. At most the feature map's size.
+        tuple, one per spatial axis. At most the feature map's size; a spatial size that
+        is symbolic (``jax.export``) cannot be checked, and a block larger than the map at
+        run time is then what a block near the border is: fewer seeds cover each element,
+        so less than ``rate`` is dropped.
       spatial_axes: the axes of the feature map (default ``(1, 2)``, NHWC; ``(2, 3)``
         for NCHW).
       channel_axis: the channel axis (default -1; 1 for NCHW), or None.

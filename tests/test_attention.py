@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dropnorm
+from dropnorm import _attention, _masks
 
 KEY = jax.random.key(7)
 # float64 against float64: the two compute the same sums in different orders (chunks,
@@ -413,6 +414,81 @@ def test_train_step_temp_memory_is_well_below_flaxs():
     assert ours <= 0.5 * theirs, (ours, theirs, ours / theirs)
 
 
+# ------------------------------------------------------------------ 64-bit mask index
+
+
+def _mask_by_one_hot_values(q_shape, chunk, rate=0.5, mask_bits=16):
+    """The weights' dropout mask, read off the output: uniform weights (q = k = 0) and a
+    one-hot ``v`` put weight ``j`` in output column ``j``, which is 0 exactly where the
+    mask dropped. Shaped like the output: (batch, q, heads, k)."""
+    b, n, h, _ = q_shape
+    z = jnp.zeros(q_shape)
+    v = jnp.broadcast_to(jnp.eye(n)[None, :, None, :], (b, n, h, n))
+    return np.asarray(dropnorm.dot_product_attention(
+        z, z, v, broadcast_dropout=False, dropout_rng=KEY, dropout_rate=rate,
+        mask_bits=mask_bits, query_chunk_size=chunk) != 0)
+
+
+def test_the_64_bit_index_gives_the_32_bit_indexs_mask(monkeypatch):
+    # Masks of more than 2**32 weights (and of a symbolic size) index their elements in 64
+    # bits: here forced on a small mask, which must be the same bits. Chunks of 3 of 7 rows.
+    want = _mask_by_one_hot_values((3, 7, 2, 4), 3)
+    monkeypatch.setattr(_attention, "_WIDE_ELEMENTS", 0)
+    np.testing.assert_array_equal(_mask_by_one_hot_values((3, 7, 2, 4), 3), want)
+    assert 0.3 < want.mean() < 0.7  # rate 0.5
+
+
+@pytest.mark.parametrize("mask_bits", [16, 32])
+def test_chunk_masks_at_element_indices_beyond_2_32_and_2_33(mask_bits):
+    # A real run of one chunk of the mask of weights (2, 3, 32773, 65537): 1.29e10 elements.
+    # Flat row 65535 (batch 1, query 32762) starts at element 2**32 - 1, so its index
+    # carries into the high half inside the row; flat row 131070 (batch 3, query 32751)
+    # crosses element 2**33 (word 2**32 of a 16-bit mask). The chunk's keep mask must be
+    # the 64-bit indices' words, computed here in NumPy uint64 and hashed by words_at.
+    shape = (2, 3, 32773, 65537)
+    static = _attention._Static(
+        n_q=shape[-2], chunk=3, padded=False, wide=True, mask_shape=shape, bits=mask_bits,
+        rate=0.5, causal=False, precision=None, dtype=jnp.float32, out_dtype=jnp.float32,
+        reps=1)
+    seed = _masks.seed_words(KEY)
+    keep = jax.jit(lambda s, start: _attention._keep(s, None, start, 3, static)[0])
+    words_at = jax.jit(_masks.words_at)
+    per_word = 32 // mask_bits
+    for start in (32761, 32750):
+        got = np.asarray(keep(seed, jnp.int32(start)))  # (2, 3, 3 rows, 65537)
+        b = np.arange(6, dtype=np.uint64).reshape(2, 3, 1, 1)
+        r = np.arange(start, start + 3, dtype=np.uint64).reshape(3, 1)
+        c = np.arange(shape[-1], dtype=np.uint64)
+        e = (b * np.uint64(shape[-2]) + r) * np.uint64(shape[-1]) + c
+        w = e // np.uint64(per_word)
+        lo = jnp.asarray((w & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+        hi = jnp.asarray((w >> np.uint64(32)).astype(np.uint32))
+        words = np.asarray(words_at(seed, lo, hi))
+        shift = ((e % np.uint64(per_word)) * np.uint64(mask_bits)).astype(np.uint32)
+        u = (words >> shift) & np.uint32(2**mask_bits - 1)
+        want = u < np.uint32(_masks.keep_threshold(0.5, mask_bits))  # k = 2**(bits - 1)
+        np.testing.assert_array_equal(got, want)
+        assert 0.45 < got.mean() < 0.55
+        if start == 32761:  # the row of batch 1 that starts at 2**32 - 1
+            assert e[0, 1, 1, 0] == 2**32 - 1
+        else:  # the row of batch 3 across 2**33
+            assert e[1, 0, 1, 0] < 2**33 < e[1, 0, 1, -1]
+    assert int((e >> np.uint64(32)).max()) == 3  # indices up to 1.29e10
+
+
+def test_weights_of_2_32_elements_or_more_trace_and_lower_with_dropout():
+    # Batch 8 x 32 heads x length 8192: 1.7e10 weights, once refused. Traced and lowered
+    # (the training step's gradient too), not run.
+    q = jax.ShapeDtypeStruct((8, 8192, 32, 64), jnp.bfloat16)
+    for broadcast in (False, True):
+        def f(q, broadcast=broadcast):
+            return dropnorm.dot_product_attention(q, q, q, dropout_rng=KEY, dropout_rate=0.1,
+                                                  broadcast_dropout=broadcast)
+
+        assert jax.eval_shape(f, q) == q
+        jax.jit(jax.grad(lambda q, f=f: f(q).astype(jnp.float32).sum())).lower(q)
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -461,6 +537,16 @@ def test_bias_and_mask_must_broadcast_to_the_weights():
                      ValueError, "`bias` must broadcast", "(2, 2, 3, 5)", "(4, 5)")
     _raises_at_trace(lambda q: ATTEND(q, KV, KV, mask=jnp.ones((2, 1, 2, 3, 5), bool)),
                      ValueError, "`mask` must broadcast", "(2, 1, 2, 3, 5)")
+
+
+def test_lengths_of_2_31_or_more():
+    # The chunk loop's row indices are int32. Checked on shapes alone (eval_shape).
+    q = jax.ShapeDtypeStruct((1, 2**31, 1, 2), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, 4, 1, 2), jnp.float32)
+    with pytest.raises(ValueError, match=r"`query` has length 2147483648.*below 2\*\*31"):
+        jax.eval_shape(lambda q, k: ATTEND(q, k, k, deterministic=True), q, kv)
+    with pytest.raises(ValueError, match=r"`key` has length 2147483648"):
+        jax.eval_shape(lambda q, k: ATTEND(k, q, q, deterministic=True), q, kv)
 
 
 def test_other_bad_arguments():

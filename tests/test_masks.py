@@ -5,7 +5,8 @@ several elements, and the words come from a keyed counter hash seeded by
 threefry rather than from threefry itself. These tests check what that must not
 break: uniform words (every bit position, every 16-bit value, pairs of bytes),
 no correlation between words at power-of-two distances (the counter's structure)
-or between words of neighbouring keys, the drop fraction (within binomial bounds
+or between words of neighbouring keys, words beyond 2**32 (the 64-bit counter's
+high half) uniform and new, the drop fraction (within binomial bounds
 of the *quantised* rate), uniformity of the cut integers, no correlation between
 neighbours or between the elements that share one random word, and the exact
 quantised keep probability that makes ``E[y] = x``. Keys are fixed, so every
@@ -62,11 +63,17 @@ def test_every_bit_of_the_words_is_fair():
     assert np.all(np.abs(bits.mean(0) - 0.5) < Z * sd), bits.mean(0)
 
 
+@pytest.fixture(scope="module")
+def planes_22():
+    """The bit planes of key 22's first N words, drawn once for the lags below."""
+    return _bit_planes(np.asarray(_masks.random_words(jax.random.key(22), N)))
+
+
 @pytest.mark.parametrize("lag", [1, 2, 3, 4, 8, 64, 1024, 1 << 16])
-def test_no_correlation_between_words_at_power_of_two_distances(lag):
+def test_no_correlation_between_words_at_power_of_two_distances(lag, planes_22):
     # Word i hashes the counter i ^ k0: counters 2**j apart differ in few bits, so these
     # lags are where a weak mixing function would leave a trace. Every bit position.
-    bits = _bit_planes(np.asarray(_masks.random_words(jax.random.key(22), N)))
+    bits = planes_22
     for b in range(32):
         r = _corr(bits[:-lag, b], bits[lag:, b])
         assert abs(r) < _corr_bound(N - lag), (lag, b, r)
@@ -95,14 +102,117 @@ def test_words_of_neighbouring_keys_are_uncorrelated(keys):
             assert abs(_corr(a[:, i], b[:, j])) < _corr_bound(N), (i, j)
 
 
-def test_more_words_than_the_counter_holds_fall_back_to_threefry(monkeypatch):
-    # 2**32 words do not fit in memory here; lower the limit to exercise the fallback path.
-    key = jax.random.key(26)
-    monkeypatch.setattr(_masks, "_MAX_HASH_WORDS", 1000)
-    np.testing.assert_array_equal(np.asarray(_masks.random_words(key, 1001)),
-                                  np.asarray(jax.random.bits(key, (1001,), jnp.uint32)))
-    hashed = np.asarray(_masks.random_words(key, 1000))
-    assert not np.array_equal(hashed, np.asarray(jax.random.bits(key, (1000,), jnp.uint32)))
+# ------------------------------------------------------------------ the 64-bit counter
+
+
+def _split(index: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """64-bit word indices (uint64) as the hash's ``(lo, hi)`` uint32 halves."""
+    index = np.asarray(index, np.uint64)
+    return (jnp.asarray((index & np.uint64(0xFFFFFFFF)).astype(np.uint32)),
+            jnp.asarray((index >> np.uint64(32)).astype(np.uint32)))
+
+
+def _words(seed, index: np.ndarray) -> np.ndarray:
+    lo, hi = _split(index)
+    return np.asarray(_words_at(seed, lo, hi))
+
+
+_words_at = jax.jit(_masks.words_at)
+W = 1 << 16  # words per window
+
+
+@pytest.mark.parametrize("start", [2**32 - 2**15, 2**33, 3 * 2**32 + 12345, 2**40 + 7])
+def test_words_beyond_2_32_are_uniform_and_not_the_first_words_again(start):
+    # A window of 2**16 words at 64-bit indices (across the high half's step from 0 to 1 for
+    # the first), drawn through words_at as dropout's 2-D layout and attention do.
+    seed = _masks.seed_words(jax.random.key(41))
+    index = np.arange(W, dtype=np.uint64) + np.uint64(start)
+    words = _words(seed, index)
+    bits = _bit_planes(words)
+    assert np.all(np.abs(bits.mean(0) - 0.5) < Z * 0.5 / math.sqrt(W)), bits.mean(0)
+    top = (words >> 24).astype(np.int64)  # the top byte: 256 cells of 256 expected
+    assert abs(_chi2_z(top, 256)) < Z
+    for lag in (1, 2, 4, 4096):  # the 2-D layout's row length is 4096 words
+        for b in range(0, 32, 5):
+            assert abs(_corr(bits[:-lag, b], bits[lag:, b])) < _corr_bound(W - lag), (lag, b)
+    # not the words of the high half 0 at the same low half (a counter that dropped the
+    # high half would repeat them): at most a chance coincidence, and uncorrelated
+    high = (index >> np.uint64(32)) != 0
+    first = _words(seed, index[high] & np.uint64(0xFFFFFFFF))
+    assert (words[high] == first).sum() <= 1  # P(any equal pair) ~ 2**16 / 2**32
+    first_bits = _bit_planes(first)
+    for b in range(0, 32, 5):
+        assert abs(_corr(bits[high, b], first_bits[:, b])) < _corr_bound(len(first)), b
+
+
+@pytest.mark.parametrize(("h1", "h2"), [(0, 1), (1, 2), (0, 2**20)])
+def test_high_halves_are_uncorrelated_where_their_first_rounds_coincide(h1, h2):
+    # The high half is folded into the seed: word(h, lo) = g(f(lo ^ k0 ^ A(h)) + k1 + B(h)).
+    # At lo2 = lo ^ A(h1) ^ A(h2) the two first rounds see the same input, and the words
+    # differ only through B(h1) - B(h2) before g: the related pair a weak g would betray.
+    seed = _masks.seed_words(jax.random.key(42))
+    a_mix = jax.jit(lambda h: _masks._mix(h, *_masks._A))
+    delta = int(a_mix(jnp.uint32(h1)) ^ a_mix(jnp.uint32(h2)))
+    n = N // 4
+    lo = jnp.asarray(np.random.default_rng(0).integers(0, 2**32, n, dtype=np.uint64)
+                     .astype(np.uint32))
+    picked = np.arange(0, 32, 3)  # 11 bit positions of each word: 121 pairs
+    a = _bit_planes(np.asarray(_words_at(seed, lo, jnp.uint32(h1))))[:, picked]
+    b = _bit_planes(np.asarray(_words_at(seed, lo ^ jnp.uint32(delta), jnp.uint32(h2))))
+    b = b[:, picked]
+    a, b = a - a.mean(0), b - b.mean(0)
+    corr = (a.T @ b) / np.sqrt(np.outer((a * a).sum(0), (b * b).sum(0)))
+    assert np.abs(corr).max() < _corr_bound(n), np.abs(corr).max()
+
+
+def test_a_high_half_of_zero_is_the_32_bit_counter():
+    # A(0) = B(0) = 0: masks below 2**32 words are those of the 32-bit counter (no breaking
+    # change); an explicit zero high half gives the same words as none.
+    seed = _masks.seed_words(jax.random.key(43))
+    lo = jnp.arange(1000, dtype=jnp.uint32) * jnp.uint32(4099)
+    np.testing.assert_array_equal(np.asarray(_words_at(seed, lo, jnp.uint32(0))),
+                                  np.asarray(jax.jit(_masks.words_at)(seed, lo)))
+    assert _masks.fold_hi(seed, jnp.uint32(0))[0] == seed[0]
+    assert _masks.fold_hi(seed, jnp.uint32(0))[1] == seed[1]
+
+
+def test_the_2d_layout_gives_the_1d_layouts_words():
+    seed = _masks.seed_words(jax.random.key(44))
+    n = 3 * 4096 + 11  # whole rows and a partial one
+    grid = jax.jit(lambda s, r: _masks.grid_words(s, 0, r))
+    two_d = np.asarray(grid(seed, jnp.arange(4, dtype=jnp.uint32))).reshape(-1)[:n]
+    np.testing.assert_array_equal(two_d, np.asarray(_masks.hashed_words(seed, n)))
+    # Rows around indices 2**32 and 2**33 (rows 2**20 and 2**21): the layout's (hi, lo)
+    # arithmetic against 64-bit indices computed in NumPy.
+    for row in (2**20 - 2, 2**21 - 1):
+        rows = np.arange(row, row + 3, dtype=np.uint64)
+        got = np.asarray(grid(seed, jnp.asarray(rows.astype(np.uint32)))).reshape(-1)
+        index = (rows[:, None] * np.uint64(4096) + np.arange(4096, dtype=np.uint64)).ravel()
+        np.testing.assert_array_equal(got, _words(seed, index))
+    # The 3-D layout beyond 2**44 words: blocks of 2**32 words, a high half per block.
+    block = jax.jit(lambda s, h, r: _masks.grid_words(s, h, r))
+    got = np.asarray(block(seed, jnp.uint32(5), jnp.arange(2, dtype=jnp.uint32))).reshape(-1)
+    np.testing.assert_array_equal(got, _words(seed, np.arange(8192, dtype=np.uint64)
+                                              + np.uint64(5 * 2**32)))
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+def test_masks_of_more_than_2_32_words_trace_and_lower(bits):
+    # 2**33 + 2**19 elements (32 GiB of float32): traced and lowered, not run. No switch to
+    # another generator and no error: the hash's 2-D layout, whose program is small.
+    x = jax.ShapeDtypeStruct((2**17, 2**16 + 4), jnp.float32)
+
+    def f(x):
+        return dropnorm.dropout(jax.random.key(0), x, 0.1, True, mask_bits=bits)
+
+    assert jax.eval_shape(f, x) == x
+    text = jax.jit(jax.grad(lambda x: f(x).sum())).lower(x).as_text()
+    assert "rng_bit_generator" not in text and "threefry" not in text.replace(
+        "threefry2x32", "")  # threefry only derives the seed: one call, of 2 words
+    assert text.count("threefry2x32") <= 2, text.count("threefry2x32")
+    # beyond 2**44 words, the 3-D layout
+    assert jax.eval_shape(lambda: _masks.random_words(jax.random.key(0), 2**45 + 3)).shape == (
+        2**45 + 3,)
 
 
 @pytest.mark.parametrize("bits", [16, 32])
