@@ -24,6 +24,8 @@ class MCDropoutPrediction(NamedTuple):
     """The result of :func:`mc_dropout`: the predictive mean and the per-class spread.
 
     Both have the shape of one forward pass's output and at least float32 precision.
+    Registered for ``jax.export`` serialisation (as ``"dropnorm.MCDropoutPrediction"``),
+    so an exported function may return it.
 
     Attributes:
       mean: the mean over the K samples of ``softmax(fn(key_k, *args))`` (of
@@ -45,6 +47,11 @@ class MCDropoutPrediction(NamedTuple):
 
     mean: jax.Array  # the output's shape; promote_types(output dtype, float32)
     std: jax.Array  # the same shape and dtype; >= 0
+
+
+# Exported functions (jax.export) may return it: a serialised program names it by this key.
+jax.export.register_namedtuple_serialization(MCDropoutPrediction,
+                                             serialized_name="dropnorm.MCDropoutPrediction")
 
 
 _FN = "mc_dropout"
