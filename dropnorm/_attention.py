@@ -100,12 +100,12 @@ def _keep(seed, rate, start, rows: int, static: _Static):
     shape = static.mask_shape
     lead, n_k = shape[:-2], shape[-1]
     per_word = 32 // static.bits
-    c = lax.iota(jnp.uint32, n_k)
-    if not static.wide:  # below 2**32 elements: the element index is a uint32
+    if not static.wide:  # at most 2**32 elements: the element index is a uint32
         lead_n = math.prod(lead)
         r = lax.iota(jnp.uint32, rows)[:, None] + start.astype(jnp.uint32)
+        c = lax.iota(jnp.uint32, n_k)[None, :]
         if lead_n == 1:
-            index = (r * jnp.uint32(n_k) + c[None, :]).reshape(lead + (rows, n_k))
+            index = (r * jnp.uint32(n_k) + c).reshape(lead + (rows, n_k))
         else:
             b = lax.iota(jnp.uint32, lead_n).reshape(lead + (1, 1))
             index = (b * jnp.uint32(static.n_q) + r) * jnp.uint32(n_k) + c
@@ -120,6 +120,7 @@ def _keep(seed, rate, start, rows: int, static: _Static):
         # index is e // per_word. The word's high half is the row's or one more (the carry):
         # its folded seed is computed per row, both ways, and selected per weight.
         hi, lo = _row_starts(start, rows, static)
+        c = lax.iota(jnp.uint32, n_k)
         e_lo = lo + c
         carry = e_lo < c
         if per_word == 1:

@@ -104,9 +104,10 @@ def words_at(seed, i: jax.Array, hi=0) -> jax.Array:
     (``dot_product_attention``'s query chunks). ``seed`` may also be a pair ``(k0, k1)`` of
     arrays that broadcast against ``i`` (a seed already folded per element).
     """
-    k0, k1 = (seed[0], seed[1]) if _is_zero(hi) else fold_hi(seed, hi)
-    h = _mix(i ^ k0, 0x7FEB352D, 0x846CA68B, 16)
-    return _mix(h + k1, 0x21F0AAAD, 0xD35A2D97, 15)
+    if not _is_zero(hi):
+        seed = fold_hi(seed, hi)
+    h = _mix(i ^ seed[0], 0x7FEB352D, 0x846CA68B, 16)
+    return _mix(h + seed[1], 0x21F0AAAD, 0xD35A2D97, 15)
 
 
 def grid_words(seed, hi: jax.Array, r: jax.Array) -> jax.Array:
