@@ -20,14 +20,15 @@ DOCS = ROOT / "docs"
 
 
 def _public():
-    """(qualified name, object) for every public name of the four public modules."""
+    """(qualified name, object) for every public name of the five public modules."""
     import dropnorm
+    import dropnorm.equinox
     import dropnorm.interop
     import dropnorm.linen
     import dropnorm.nnx
 
     out = []
-    for module in (dropnorm, dropnorm.linen, dropnorm.nnx, dropnorm.interop):
+    for module in (dropnorm, dropnorm.linen, dropnorm.nnx, dropnorm.equinox, dropnorm.interop):
         names = getattr(module, "__all__", None) or [
             n for n, v in vars(module).items()
             if not n.startswith("_") and inspect.isfunction(v)
@@ -43,7 +44,7 @@ def test_every_public_name_is_in_the_api_reference():
     api = "\n".join(p.read_text() for p in (DOCS / "api").glob("*.md"))
     documented = set(re.findall(r"\.\. auto(?:function|class):: (\w+)", api))
     assert {q.rsplit(".", 1)[1] for q, _ in PUBLIC} <= documented
-    assert len(PUBLIC) >= 28  # 11 pure names, 6 linen, 6 nnx, 5 interop
+    assert len(PUBLIC) >= 33  # 11 pure names, 6 linen, 6 nnx, 5 equinox, 5 interop
 
 
 def _arguments(cls) -> set[str]:
@@ -86,12 +87,12 @@ def test_site_builds_with_warnings_as_errors(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     pages = {p.relative_to(out).as_posix() for p in out.rglob("*.html")}
     for page in ["index.html", "results.html", "benchmarks.html", "api/dropnorm.html",
-                 "api/linen.html", "api/nnx.html", "api/interop.html",
+                 "api/linen.html", "api/nnx.html", "api/equinox.html", "api/interop.html",
                  *(f"guides/{p.stem}.html" for p in (DOCS / "guides").glob("*.md"))]:
         assert page in pages, page
     # Every public name has its own anchor, with napoleon's rendering of its sections.
     html = {name: (out / "api" / f"{name}.html").read_text()
-            for name in ("dropnorm", "linen", "nnx", "interop")}
+            for name in ("dropnorm", "linen", "nnx", "equinox", "interop")}
     for qualname, _ in PUBLIC:
         page = "dropnorm" if qualname.count(".") == 1 else qualname.split(".")[1]
         assert f'id="{qualname}"' in html[page], qualname

@@ -18,7 +18,7 @@ def _blocks(text, lang):
 
 def test_the_guides_are_pages_of_the_site():
     names = {p.relative_to(ROOT / "docs").as_posix() for p in PAGES}
-    for guide in ["quickstart", "conventions", "why_we_differ", "linen", "nnx",
+    for guide in ["quickstart", "conventions", "why_we_differ", "linen", "nnx", "equinox",
                   "flax_differences", "scaling_out", "export", "porting_pytorch", "family"]:
         assert f"guides/{guide}.md" in names
 
