@@ -41,6 +41,8 @@ def _compare(got, want, rtol: float, atol: float, what: str):
         if jax.dtypes.issubdtype(jnp.asarray(w).dtype, jax.dtypes.float0):
             continue  # the cotangent of a key or an integer input
         where = f"{what}, output {jax.tree_util.keystr(path)}"
+        if jax.dtypes.issubdtype(jnp.asarray(w).dtype, jax.dtypes.prng_key):
+            g, w = jax.random.key_data(g), jax.random.key_data(w)  # an RNG stream's key
         g, w = np.asarray(g), np.asarray(w)
         assert g.shape == w.shape and g.dtype == w.dtype, (where, g.shape, w.shape, g.dtype,
                                                             w.dtype)
@@ -211,3 +213,161 @@ def test_mc_dropout_exports_and_returns_its_named_tuple():
     pred = back.call(KEY, xs[1])
     assert type(pred) is dropnorm.MCDropoutPrediction
     assert pred.mean.shape == (5, 3) and bool(jnp.all(pred.std > 0))
+
+
+# ------------------------------------------------------------------ batch normalisation
+
+# Float32 statistics summed over a symbolic batch (exported) and a concrete one (jitted):
+# XLA may order the sums differently, a few ulps of O(1-10) values; 1e-5 absolute and
+# relative, as for the distributed tests.
+BN_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _bn_args(b, seed=0, features=16):
+    k = jax.random.split(jax.random.key(seed), 4)
+    params = dropnorm.BatchNormParams(1.0 + 0.2 * jax.random.normal(k[0], (features,)),
+                                      0.1 * jax.random.normal(k[1], (features,)))
+    _, state = dropnorm.batch_norm_init(features)
+    state = state._replace(mean=jnp.full((features,), 0.5), var=jnp.full((features,), 2.0))
+    x = 3.0 + 2.0 * jax.random.normal(k[2], (b, features))
+    mask = jnp.arange(b)[:, None] % 3 != 1
+    return params, state, x, mask
+
+
+def _batch_norm_family(params, state, x, mask, train):
+    """Every pure batch-norm function of a (b, 16) batch, in one exported program; ``train``
+    traced (one program for both modes)."""
+    return {"train": dropnorm.batch_norm(params, state, x, True),
+            "eval": dropnorm.batch_norm(params, state, x, False),
+            "traced train": dropnorm.batch_norm(params, state, x, train),
+            "mask": dropnorm.batch_norm(params, state, x, True, mask=mask),
+            "renorm": dropnorm.batch_renorm(params, state, x, True, r_max=1.5, d_max=0.5),
+            "far running mean (second round)": dropnorm.batch_norm(
+                params, state._replace(mean=jnp.full((16,), -1e4)), x, True)}
+
+
+def test_batch_norm_family_exports_with_a_symbolic_batch_and_its_vjp():
+    args = [(*_bn_args(b, seed), jnp.bool_(t)) for b, seed, t in ((5, 1, True), (12, 2, False))]
+    back = export_roundtrip(_batch_norm_family,
+                            symbolic_specs(args[0], (None, None, "b, 16", "b, 1", None)), args,
+                            vjp=True, vjp_at=0, **BN_TOL)
+    out = back.call(*args[0])
+    for name, (_, new) in out.items():
+        assert type(new) is dropnorm.BatchNormState, name  # the NamedTuple survives
+        assert int(new.count) == (0 if name == "eval" else 1), name
+    # The traced flag at False is evaluation: the state comes back unchanged.
+    y, new = back.call(*args[1])["traced train"]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(back.call(*args[1])["eval"][0]),
+                               **BN_TOL)
+    assert int(new.count) == 0
+
+
+def test_ghost_batches_and_population_statistics_export_with_a_symbolic_multiple():
+    # Ghost batches of 4 need a batch that 4 divides: the symbolic batch is declared as
+    # 4*k. PopulationStats in and out (registered for serialisation).
+    def f(params, state, stats, x):
+        y, new = dropnorm.batch_norm(params, state, x, True, virtual_batch_size=4)
+        _, stats = dropnorm.batch_norm(params, stats, x, True)
+        return y, new, stats
+
+    def args(b, seed):
+        params, state, x, _ = _bn_args(b, seed)
+        return params, state, dropnorm.population_stats_init(state), x
+
+    concrete = [args(8, 3), args(20, 4)]
+    back = export_roundtrip(f, symbolic_specs(concrete[0], (None, None, None, "4*k, 16")),
+                            concrete, vjp=True, **BN_TOL)
+    _, _, stats = back.call(*concrete[1])
+    assert type(stats) is dropnorm.PopulationStats and float(stats.count[0]) == 20
+    # A plain symbolic batch cannot be split into ghost batches of 4: a clear error.
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        jax.export.export(jax.jit(f))(*symbolic_specs(concrete[0], (None, None, None, "b, 16")))
+
+
+def test_a_batch_of_one_under_a_symbolic_batch_is_normalised_to_the_bias():
+    # The documented behaviour (export guide): the static check for one value per feature
+    # cannot run on a symbolic batch, so an exported train-mode batch_norm accepts b = 1,
+    # where the variance is 0 and every output is the bias, as Flax's layer gives.
+    params, state, x, _ = _bn_args(1)
+    exported = jax.export.export(jax.jit(lambda p, s, x: dropnorm.batch_norm(p, s, x, True)))(
+        *symbolic_specs((params, state, x), (None, None, "b, 16")))
+    y, new = exported.call(params, state, x)
+    np.testing.assert_allclose(np.asarray(y), np.broadcast_to(params.bias, (1, 16)), atol=1e-6)
+    with pytest.raises(ValueError, match="too small"):  # concrete: the check still runs
+        dropnorm.batch_norm(params, state, x, True)
+
+
+def test_fold_batch_norm_exports_with_a_symbolic_input_width():
+    # fold_batch_norm has no batch: its kernel's input width is the symbolic dimension.
+    params, state, _, _ = _bn_args(2)
+
+    def f(kernel, bias, params, state):
+        return dropnorm.fold_batch_norm(kernel, bias, params, state)
+
+    concrete = [(_normal((n, 16), n), _normal((16,), 9), params, state) for n in (3, 8)]
+    # The same elementwise program on both sides: 1e-6 allows for XLA's fusion choices.
+    export_roundtrip(f, symbolic_specs(concrete[0], ("n, 16", None, None, None)), concrete,
+                     atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ modules inside a model
+
+
+def test_linen_model_exports_for_serving_and_training():
+    import flax.linen as nn
+
+    import dropnorm.linen as dl
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = dl.BatchNorm(use_running_average=not train)(nn.Dense(16)(x))
+            return nn.Dense(3)(dl.Dropout(0.3, deterministic=not train)(nn.relu(x)))
+
+    net = Net()
+    variables = jax.jit(net.init, static_argnums=2)(jax.random.key(0), jnp.ones((2, 8)), False)
+
+    def step(params, batch_stats, key, x):
+        def loss(params):
+            y, upd = net.apply({"params": params, "batch_stats": batch_stats}, x, True,
+                               rngs={"dropout": key}, mutable=["batch_stats"])
+            return jnp.mean(y ** 2), upd["batch_stats"]
+
+        (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return value, grads, stats, net.apply({"params": params, "batch_stats": stats}, x,
+                                              False)
+
+    concrete = [(variables["params"], variables["batch_stats"], KEY, _normal((b, 8), b))
+                for b in (4, 9)]
+    export_roundtrip(step, symbolic_specs(concrete[0], (None, None, None, "b, 8")), concrete,
+                     vjp=True, **BN_TOL)
+
+
+def test_nnx_model_exports_through_its_pure_state():
+    from flax import nnx
+
+    import dropnorm.nnx as dn
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(8, 16, rngs=rngs)
+            self.norm = dn.BatchNorm(16, rngs=rngs)
+            self.drop = dn.Dropout(0.3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.drop(nnx.relu(self.norm(self.dense(x))))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+
+    def f(pure, x):
+        model = nnx.merge(graphdef, nnx.State(pure))
+        y = model(x)  # train mode: batch statistics, dropout from the model's own RNG stream
+        return y, nnx.to_pure_dict(nnx.state(model))
+
+    pure = nnx.to_pure_dict(state)
+    concrete = [(pure, _normal((b, 8), b)) for b in (3, 10)]
+    back = export_roundtrip(f, symbolic_specs(concrete[0], (None, "b, 8")), concrete,
+                            **BN_TOL)
+    _, new = back.call(*concrete[1])
+    # train mode: the running mean moved from its initial 0 towards the batch's
+    assert float(jnp.abs(new["norm"]["mean"]).max()) > 0
