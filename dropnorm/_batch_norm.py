@@ -674,7 +674,9 @@ def batch_norm(params, state, x, train, *, axis=-1, momentum=0.99, epsilon=1e-5,
       ValueError: feature count of ``x`` differing from params/state, ``axis``
         out of range, momentum outside [0, 1], negative epsilon, a batch too
         small to have statistics (one value per feature: PyTorch raises too; the
-        Flax modules follow Flax instead and normalise it to the bias), a mask
+        Flax modules follow Flax instead and normalise it to the bias; a symbolic
+        batch under ``jax.export`` cannot be checked, and one value per feature is
+        then normalised to the bias too), a mask
         that does not broadcast, or a batch that ghost batches do not divide.
       TypeError: a non-floating ``x``, a non-boolean ``train``, ``params`` and
         ``state`` swapped, or a ``state`` that is not a ``BatchNormState``.
