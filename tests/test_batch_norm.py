@@ -565,10 +565,10 @@ def test_an_outlying_first_row_does_not_cost_accuracy():
 
 
 def test_the_worst_case_for_the_subsample_shift_keeps_the_variance_accurate():
-    # The worst case of the earlier design, whose shift was the mean of the batch's first 1/64
+    # The worst case of an earlier design, whose shift was the mean of the batch's first 1/64
     # (r = (mean - shift)^2 / var <= 64 by Cauchy-Schwarz): the whole spread in that slice,
-    # its 64 rows 1e3 away from the other 4032 (r = 63), at mean 1e6. The shift is now the
-    # running mean (0 here, r ~ 1e12), so this runs the second round about the first round's
+    # its 64 rows 1e3 away from the other 4032 (r = 63), at mean 1e6. The first round's sums
+    # are now of x itself (r ~ 1e12), so this runs the second round about the first round's
     # mean. The float32 variance must still be the float64 one to 1e-4 relative (the bound:
     # about (1 + r) x the float32 summation error of ~1e-7 x log2(n), 7e-5 at r = 64), and the
     # naive E[x^2] - E[x]^2 fails the same check.
@@ -610,10 +610,10 @@ def _input_sized_reductions(fn, x) -> tuple[int, int, int]:
 @pytest.mark.parametrize("shape", [(512, 8), (16, 5, 5, 8)])
 @pytest.mark.parametrize("mask", [False, True])
 def test_training_statistics_read_the_input_once(shape, dtype, mask):
-    # One pass over x for the statistics, as Flax's E[x], E[x^2]: the sums of the deviations
-    # from the running mean and of their squares, two reductions of an x-sized operand. The
-    # second round (the deviations from the batch mean, when the running mean was a poor
-    # shift) sits in a cond branch: two more, run only then. No slice of x (the old shift,
+    # One pass over x for the statistics, as Flax's E[x], E[x^2]: the sums of x and of its
+    # squares, two reductions of an x-sized operand. The second round (the deviations from
+    # the batch mean, when some |mean| > 8 std) sits in a cond branch: two more, run only
+    # then. No slice of x (an earlier shift,
     # the mean of the batch's first 1/64, was a slice, which a batch-sharded jit shipped
     # across devices). A mask adds the count, a third reduction of its own.
     x = jnp.ones(shape, dtype)
@@ -641,11 +641,12 @@ def _stats_with_running_mean(run_mean, x):
        st.lists(st.sampled_from([0.0, 0.5, -3.0, 7.9, -8.1, 20.0, -1e3, 1e5, np.inf]),
                 min_size=3, max_size=3))
 def test_any_running_mean_gives_exact_statistics(seed, loc, spread, offsets):
-    # The statistics are sums of deviations from the running mean, with a second round about
-    # the batch mean when the running mean is more than sqrt(POOR) = 8 standard deviations
-    # away (r > 64). Offsets of the running mean from the data's mean, in units of its
-    # spread, on both sides of 8, far away, and not finite (a corrupted state, which the shift
-    # ignores; its running-average update 0 * inf is NaN, as in any implementation): the
+    # The statistics do not depend on the running state (an earlier version of this design
+    # took the running mean as the sums' shift). Data means from 0 to 1e4 standard
+    # deviations (one round, or the second round past sqrt(POOR) = 8), running means at
+    # offsets from the data's mean, in units of its spread, on both sides of 8, far away,
+    # and not finite (a corrupted state; its running-average update 0 * inf is NaN, as in
+    # any implementation): the
     # variance must be the float64 one to 1e-4 relative (the first round's bound, about
     # (1 + 64) x the float32 summation error, ~1e-5 here), the mean good to float32 rounding of
     # |mean| + std, and the output the float64 normalisation to 1e-4 plus what the float32 mean
@@ -665,10 +666,10 @@ def test_any_running_mean_gives_exact_statistics(seed, loc, spread, offsets):
 
 
 def test_the_second_round_is_what_keeps_a_far_shift_exact(monkeypatch):
-    # _moments.POOR sets when the second round runs (r = |mean - shift|^2 / var > POOR). With it
-    # disabled (POOR = inf) a running mean 1e4 standard deviations away loses the variance
-    # (r = 1e8: float32 sums of squares ~1e8 cannot resolve a variance of 1), which shows the
-    # accuracy tests above can fail; always on (POOR = 0), the result is the same exact one.
+    # _moments.POOR sets when the second round runs (r = |mean|^2 / var > POOR). With it
+    # disabled (POOR = inf) data 1e4 standard deviations from 0 lose the variance (r = 1e8:
+    # float32 sums of squares ~1e8 cannot resolve a variance of 1: Flax's formula), which
+    # shows the accuracy tests above can fail; always on (POOR = 0), the same exact result.
     from dropnorm import _moments
 
     x = random_normal((4096, 2), np.float32, 5, 1e4, 1.0)
