@@ -767,14 +767,20 @@ def sharded_markdown(sharded: dict) -> list[str]:
            f"| program | dropnorm collectives ({per}) | dropnorm bytes ({per}) "
            f"| flax collectives ({per}) | flax bytes ({per}) "
            f"| dropnorm / flax bytes ({ns[-1]} devices) | dropnorm's kinds ({ns[-1]} devices) "
-           f"| flax's kinds ({ns[-1]} devices) |",
-           "|---|---:|---:|---:|---:|---:|---|---|"]
+           f"| flax's kinds ({ns[-1]} devices) "
+           f"| dropnorm's in a conditional branch ({ns[-1]} devices) |",
+           "|---|---:|---:|---:|---:|---:|---|---|---|"]
 
     def col(row, f):
         return " / ".join("-" if c is None else f(c) for c in row)
 
     def count(c):
         return str(c["count"])
+
+    def conditional(c):  # the statistics' second round: it runs only when taken
+        if c is None or "cond_count" not in c:
+            return "-"
+        return f"{c['cond_count']} ({c['cond_bytes']:,} B)"
 
     def nbytes(c):
         return f"{c['bytes']:,}"
@@ -789,7 +795,8 @@ def sharded_markdown(sharded: dict) -> list[str]:
         out.append(f"| {labels[program]} | {col(ours, count)} | {col(ours, nbytes)} "
                    f"| {col(lin, count)} | {col(lin, nbytes)} | {ratio} "
                    f"| {'-' if ours[-1] is None else kinds(ours[-1]['ops'])} "
-                   f"| {'-' if lin[-1] is None else kinds(lin[-1]['ops'])} |")
+                   f"| {'-' if lin[-1] is None else kinds(lin[-1]['ops'])} "
+                   f"| {conditional(ours[-1])} |")
     out.append("")
     models = [r for r in runs.values() if "models" in r]
     if models:
