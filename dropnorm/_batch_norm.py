@@ -283,8 +283,10 @@ def _forward(spec: _Spec, x, mask, scale, bias, epsilon, run_mean, run_var, trai
     element, or every feature when a traced ``train`` is False, uses the running
     statistics (``M = running mean``, ``K = 1 / sqrt(running var + epsilon)``, ``D = 0``).
     """
-    # One pass over x and one collective in the common case (_moments.shifted_moments).
-    mean, var, count = batch_moments(x, spec.reduction_axes, mask=mask, red=spec.red)
+    # The running mean is the sums' shift: every device holds it, so the common case costs
+    # one pass over x and one collective (_moments.shifted_moments).
+    mean, var, count = batch_moments(x, spec.reduction_axes, mask=mask, red=spec.red,
+                                     shift=run_mean)
     inv = lax.rsqrt(var + epsilon)
     r = d = None
     if bounds is not None:  # batch renormalisation: r and d are constants (no gradient)
@@ -612,12 +614,12 @@ def batch_norm(params, state, x, train, *, axis=-1, momentum=0.99, epsilon=1e-5,
     ``var``), ``new.count = state.count + 1``. Evaluation: the same formula with
     the running statistics; the state is returned unchanged.
 
-    Statistics are computed in at least float32 from the sums of ``x`` and ``x^2``,
-    in one pass over ``x`` as Flax's ``E[x^2] - E[x]^2``; when some feature's mean
-    is more than 8 standard deviations from 0, where that formula loses digits, a
-    second pass sums the deviations from the batch's mean instead. So the variance
-    stays accurate when ``|mean| >> std``, is never negative, and is exactly 0 for a
-    constant feature;
+    Statistics are computed in at least float32 as sums of the deviations from the
+    running mean and of their squares, in one pass over ``x`` as Flax's
+    ``E[x^2] - E[x]^2``; when the running mean is more than 2 standard deviations
+    from the batch's mean (early in training, on uncentred data), a second pass
+    about the batch's mean runs instead. So the variance stays accurate when
+    ``|mean| >> std``, is never negative, and is exactly 0 for a constant feature;
     the output has the input's dtype (bf16 in, bf16 out) unless ``dtype`` says
     otherwise. Complex input gives a complex mean, the real
     variance ``E|x - mean|^2`` and a complex output (as Flax), and a complex

@@ -1,25 +1,29 @@
-"""Batch moments: exact statistics at Flax's cost, padding masks, one collective across devices.
+"""Batch moments: exact statistics in one pass, padding masks, one collective across devices.
 
-The sums of ``x`` and of ``|x|^2`` in one pass over ``x``, as Flax's ``E[x]``, ``E[x^2]``:
-``mean = S1 / n`` and ``M2 = S2 - n |mean|^2``. Across devices they cost one collective,
-``2 x features`` numbers (plus the counts when a mask makes them data-dependent), whatever
-the number of devices and whatever the parallelism: an ``axis_name`` ``psum``, or the
-all-reduce that XLA's partitioner inserts for a batch-sharded ``jit``. Nothing is sliced
-out of the batch, so nothing is shipped between devices.
+The sums of the deviations from a shift and of their squares, in one pass over ``x``:
+``mean = shift + S1 / n`` and ``M2 = S2 - n |S1 / n|^2``. The shift is the running mean,
+a value every device already holds (replicated under a sharded ``jax.jit``, and under
+``shard_map``, ``pmap`` and ``vmap`` alike), so across devices the statistics cost one
+collective of the sums, ``2 x features`` numbers (plus the counts when a mask makes them
+data-dependent), whatever the number of devices and whatever the parallelism: an
+``axis_name`` ``psum``, or the all-reduce that XLA's partitioner inserts for a batch-sharded
+``jit``. Nothing is sliced out of the batch, so nothing is shipped between devices.
 
-How much the correction ``n |mean|^2`` cancels depends on ``r = |mean|^2 / var``: the
-variance's relative rounding error is about ``(1 + r) u`` (``u`` the summation's), which is
-why Flax's formula loses every digit when ``|mean| >> std``. Here, when ``r > POOR`` (64:
-some feature's mean more than 8 standard deviations from 0), a second round sums the
-deviations from the first round's mean and their squares (the corrected two-pass
-algorithm, Chan, Golub & LeVeque 1983), in a ``lax.cond`` whose predicate comes from the
-all-reduced sums, so every device takes the same branch; its ``r`` is only the first
-round's rounding, so it cancels nothing. So the variance's relative error is at most
-about ``65 u`` for any data, never amplified by the data's magnitude; it is never
-negative; and a constant feature gets exactly its value as mean and exactly 0 as variance.
-Devices with different numbers of valid (unmasked) elements are weighted correctly, and
-devices whose data sit at very different means do not bias the variance: every device
-sums about the same centre, so the sums simply add.
+How much the correction ``n |S1 / n|^2`` cancels depends on ``r = |mean - shift|^2 / var``:
+the variance's relative rounding error is about ``(1 + r) u`` (``u`` the summation's). Once
+training has run a while the running mean sits within a fraction of a standard deviation of
+the batch's mean, whatever the data's magnitude, so ``r`` is small. When ``r > POOR`` (4)
+for some feature (at the first steps of training on uncentred data, or after a shift of the
+data), a second round sums the deviations from the first round's mean (the corrected
+two-pass algorithm, Chan, Golub & LeVeque 1983), in a ``lax.cond`` whose predicate comes
+from the all-reduced sums, so every device takes the same branch; its ``r`` is only the
+first round's rounding, so it cancels nothing. So the variance's relative error is at most
+about ``5 u`` for any data and any running state, never amplified by the data's magnitude
+(Flax's ``E[x^2] - E[x]^2`` has ``r = mean^2 / var`` and loses every digit when
+``|mean| >> std``); it is never negative; and a constant feature gets exactly its value as
+mean and exactly 0 as variance. Devices with different numbers of valid (unmasked)
+elements are weighted correctly, and devices whose data sit at very different means do not
+bias the variance: every device sums deviations from the same shift, so the sums add.
 
 ``axis_index_groups`` is implemented here rather than passed to JAX, because JAX
 supports it in ``pmap`` only (``vmap`` collectives and ``psum`` under ``shard_map``
@@ -172,21 +176,48 @@ class Reducer(NamedTuple):
 
     def total(self, v):
         """The sum of ``v`` (a pytree of arrays) over this device's group."""
+        return self.total_and_every_group(v)[0]
+
+    def total_and_every_group(self, v):
+        """``(mine, every)``: the sum of ``v`` over this device's group, and, when groups are
+        summed by one ``psum`` of all of them, every group's sums (a pytree of
+        ``(n_groups, ...)`` arrays, the same on every device; else None). Same collective."""
         if self.names is None:
-            return v
+            return v, None
         if self.ids is None:
-            return lax.psum(v, self.names)
-        if self.span > 1 and self.span & (self.span - 1) == 0:
+            return lax.psum(v, self.names), None
+        if self.butterfly:
             step = 1
             while step < self.span:  # after round r, each holds its block of 2**r's sum
                 perm = [(i, i ^ step) for i in range(self.size)]
                 v = jax.tree.map(lambda a, p=perm: a + lax.ppermute(a, self.names, p), v)
                 step *= 2
-            return v
+            return v, None
         mine = jnp.asarray(self.ids, jnp.int32)[lax.axis_index(self.names)]
         full = self.total_by_group(v, mine)
         return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, mine, 0, keepdims=False),
-                            full)
+                            full), full
+
+    @property
+    def butterfly(self) -> bool:
+        """Groups of ``span`` consecutive devices, ``span`` a power of two."""
+        return self.span > 1 and self.span & (self.span - 1) == 0
+
+    def group_sizes(self) -> np.ndarray:
+        """The number of devices of each group (``ids`` not None)."""
+        return np.bincount(self.ids, minlength=self.n_groups)
+
+    def any(self, flag):
+        """``flag`` (a boolean scalar, from this device's group's sums) or-ed over every
+        device of ``names``, so that all take the same ``lax.cond`` branch: a branch whose
+        collective spans all devices must not be taken by some only (they would wait for
+        the others forever). Without groups the flag comes from values every device holds
+        alike: no cost. Groups summed by recursive doubling: one ``psum`` of an int32
+        scalar (grouped sums of one ``psum`` give every group's flag at no cost instead:
+        :func:`shifted_moments`)."""
+        if self.ids is None:
+            return flag
+        return lax.psum(flag.astype(jnp.int32), self.names) > 0
 
     def group_size(self):
         """How many devices this device's sums run over: a Python int, or (groups of
@@ -197,7 +228,7 @@ class Reducer(NamedTuple):
             return self.size
         if self.span > 1:
             return self.span
-        sizes = np.bincount(self.ids, minlength=self.n_groups)
+        sizes = self.group_sizes()
         if len(set(sizes.tolist())) == 1:
             return int(sizes[0])
         return jnp.asarray(sizes[list(self.ids)], jnp.int32)[lax.axis_index(self.names)]
@@ -255,40 +286,59 @@ def _sums(x, dt, reduction_axes, mask, centre):
 
 
 # The second round runs when, for some feature, |mean - shift|^2 > POOR * var: the first
-# round's variance then carries a relative rounding error of up to (1 + POOR) u (u: the float32
-# summation's relative error), the same bound the statistics have always had.
-POOR = 64.0
+# round's variance carries a relative rounding error of up to (1 + POOR) u (u: the float32
+# summation's). 4 keeps it within the running statistics' tests (1e-5 relative for up to 625
+# float16/float32 values: 1.3e-6 measured at r just below 4, against 1.1e-5 at r = 16).
+POOR = 4.0
 
 
 def _total(red: Reducer, parts):
-    """``red.total`` of several per-feature arrays in one collective (a stack, or a tuple
-    when the dtypes differ: one tuple all-reduce). Without ``axis_name`` nothing to do: under
-    a sharded ``jax.jit`` XLA reduces the sums across devices itself (and fuses them)."""
+    """``red.total_and_every_group`` of several per-feature arrays in one collective (a
+    stack, or a tuple when the dtypes differ: one tuple all-reduce): ``(mine, every)``, lists
+    of arrays (``every`` None, or each part's ``(n_groups, ...)`` sums). Without
+    ``axis_name`` nothing to do: under a sharded ``jax.jit`` XLA reduces the sums across
+    devices itself (and fuses them)."""
     if red.names is None:
-        return parts
+        return parts, None
     if len({p.dtype for p in parts}) == 1:
-        packed = red.total(jnp.stack(parts))
-        return [packed[i] for i in range(len(parts))]
-    return list(red.total(tuple(parts)))
+        mine, every = red.total_and_every_group(jnp.stack(parts))
+        unstack = (lambda a, i: a[i]) if every is None else (lambda a, i: a[:, i])
+        return ([mine[i] for i in range(len(parts))],
+                None if every is None else [unstack(every, i) for i in range(len(parts))])
+    mine, every = red.total_and_every_group(tuple(parts))
+    return list(mine), None if every is None else list(every)
+
+
+def _poor(s1, s2, count):
+    """``(mean_d, m2, poor)``: the mean of the deviations, ``M2`` and whether, for some
+    feature, ``r = |mean_d|^2 n / M2 > POOR`` (``M2 <= 0`` with ``mean_d != 0`` too)."""
+    safe = jnp.maximum(count, 1.0)
+    mean_d = s1 / safe
+    m2 = s2 - count * abs2(mean_d)
+    return mean_d, m2, jnp.any(abs2(mean_d) * safe > POOR * m2)
 
 
 def shifted_moments(x, reduction_axes, shift=None, *, mask=None, red: Reducer | None = None):
     """Per-feature ``(count, mean, M2)`` from the sums of ``x - shift`` and its squares.
 
-    ``shift`` None (the training path): the sums of ``x`` and ``|x|^2`` themselves, Flax's
-    (no subtraction per element: on XLA CPU a broadcast subtraction inside the reductions
-    cost 1.5-1.9x their time at 32 features, 1.4x at 64). Otherwise a centre every device
-    holds (x's rank, size 1 along ``reduction_axes``; a non-finite value counts as 0).
-    One pass over ``x`` and one collective of the sums (and of the counts, with a mask):
-    ``mean = shift + S1 / n`` and ``M2 = S2 - n |S1 / n|^2``. The variance's relative
-    rounding error is about ``(1 + r) u`` with ``r = |mean - shift|^2 / var``; when
-    ``r > POOR`` for some feature, a second round sums the deviations from the now-known
-    mean, which every device holds too (it comes from all-reduced sums), in a ``lax.cond``
-    whose predicate comes from all-reduced values as well, so every device takes the same
-    branch. Its ``r`` is only the first round's rounding, so it cancels nothing. A constant
-    feature gets exactly its value as mean and exactly 0 as ``M2``: its deviations from the
-    second round's centre are all one float32 ``delta`` of a few significant bits, whose
-    sums are exact.
+    ``shift`` (x's rank, size 1 along ``reduction_axes``; a non-finite value counts as 0) is
+    a value every device holds (the running mean, under ``jit``, ``shard_map``, ``pmap`` and
+    ``vmap`` alike); None: 0, and no subtraction. One pass over ``x`` and one collective of
+    the sums (and of the counts, with a mask): ``mean = shift + S1 / n`` and
+    ``M2 = S2 - n |S1 / n|^2``. The variance's relative rounding error is about ``(1 + r) u``
+    with ``r = |mean - shift|^2 / var``; when ``r > POOR`` for some feature, a second round
+    sums the deviations from the now-known mean, which every device holds too (it comes
+    from all-reduced sums), in a ``lax.cond`` whose predicate comes from all-reduced values
+    as well, so every device takes the same branch. Its ``r`` is only the first round's
+    rounding, so it cancels nothing. A constant feature gets exactly its value as mean and
+    exactly 0 as ``M2``: its deviations from the second round's centre are all one float32
+    ``delta`` of a few significant bits, whose sums are exact.
+
+    (Measured on XLA CPU: the per-element subtraction costs the fused reductions 1.4x their
+    time at 64 features and 1.9x at 32. Flax's sums of ``x`` and ``x^2`` with the same
+    second round were faster there, but their ``r = mean^2 / var`` stays large for
+    uncentred features all through training, which made the first round's error (1 + r) u
+    too large, or the second round frequent; see BENCHMARKS.md, run 11.)
     """
     red = Reducer() if red is None else red
     dt, rdt = stats_dtype(x.dtype), real_dtype(x.dtype)
@@ -306,23 +356,27 @@ def shifted_moments(x, reduction_axes, shift=None, *, mask=None, red: Reducer | 
             parts.append(jnp.sum(mask, reduction_axes, keepdims=True, dtype=rdt))
         return _total(red, parts)
 
+    n = math.prod(x.shape[a] for a in reduction_axes)
     if mask is not None:  # data-dependent counts travel with the sums
-        s1, s2, count = round_sums(shift, True)
+        (s1, s2, count), every = round_sums(shift, True)
     else:  # known without communication, even for groups of unequal sizes
-        s1, s2 = round_sums(shift, False)
-        n = math.prod(x.shape[a] for a in reduction_axes) * red.group_size()
-        count = jnp.broadcast_to(jnp.asarray(n, rdt), s2.shape)
-    safe = jnp.maximum(count, 1.0)
-    mean_d = s1 / safe
-    m2 = s2 - count * abs2(mean_d)
-    poor = jnp.any(abs2(mean_d) * safe > POOR * m2)  # r > POOR (m2 <= 0 with mean_d != 0 too)
+        (s1, s2), every = round_sums(shift, False)
+        count = jnp.broadcast_to(jnp.asarray(n * red.group_size(), rdt), s2.shape)
+        if every is not None:  # each group's count: n times its number of devices
+            sizes = red.group_sizes().reshape((-1,) + (1,) * s2.ndim)
+            every.append(jnp.broadcast_to(jnp.asarray(n * sizes, rdt), every[1].shape))
+    mean_d, m2, poor = _poor(s1, s2, count)
+    # Every device must take the same branch (the second round's collective spans them
+    # all): with groups, the flag of every group, from the sums one psum gave all devices,
+    # or (groups by recursive doubling) or-ed in one more scalar psum.
+    poor = _poor(*every)[2] if every is not None else red.any(poor)
 
     mean = mean_d if shift is None else shift + mean_d
 
     def second_round():
         centre = lax.stop_gradient(mean)
-        t1, t2 = round_sums(centre, False)
-        md = t1 / safe
+        (t1, t2), _ = round_sums(centre, False)
+        md = t1 / jnp.maximum(count, 1.0)
         return centre + md, t2 - count * abs2(md)
 
     mean, m2 = lax.cond(poor, second_round, lambda: (mean, m2))
@@ -339,9 +393,9 @@ def batch_moments(x, reduction_axes, *, mask=None, red: Reducer | None = None, s
         batch is a mapped axis, e.g. one example per ``vmap`` lane).
       mask: None, or a boolean array of ``x``'s shape; False elements are left out.
       red: a :class:`Reducer` (from :func:`reducer`): statistics over devices as well.
-      shift: None, or a guess of the mean that every device holds (broadcastable to the
-        statistics' shape): see :func:`shifted_moments`. Any value gives exact statistics;
-        a good one saves the second round, a costly one the subtraction.
+      shift: None (0), or a guess of the mean that every device holds (broadcastable to
+        the statistics' shape): see :func:`shifted_moments`. Any value gives exact
+        statistics; a good one saves the second round.
 
     Returns:
       ``(mean, var, count)``, each with ``x``'s rank (size 1 along the reduced axes):

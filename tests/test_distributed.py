@@ -198,8 +198,8 @@ def _hard_case(case):
         x = x + 10.0 * (rows // 8)[:, None]
     elif case == "bfloat16":
         x = jnp.asarray(3.0 + 2.0 * x, jnp.bfloat16)
-    elif case == "a mean 5e3 std from 0":  # the second round, on every device alike
-        x = x + np.float32(5e3)
+    elif case == "a running mean 5e3 std away":  # the second round, on every device alike
+        state = state._replace(mean=jnp.full((4,), -5e3))
     elif case == "2-D mesh":  # batch on "d" (4 devices), features on "m" (2)
         spec, dims = ("d", "m"), (4, 2)
         x = 2.0 + x
@@ -207,7 +207,7 @@ def _hard_case(case):
 
 
 @pytest.mark.parametrize("case", ["shards at +1e4 and -1e4", "shards at 1e4 + d",
-                                  "an empty shard", "bfloat16", "a mean 5e3 std from 0",
+                                  "an empty shard", "bfloat16", "a running mean 5e3 std away",
                                   "2-D mesh"])
 def test_sharded_jit_hard_cases_equal_single_device(case):
     # A batch-sharded jax.jit, no axis_name: XLA's partitioner reduces the statistics across
@@ -427,6 +427,36 @@ def per_group_reference(params, state, x, groups, rows):
     return y, states
 
 
+@pytest.mark.parametrize("form", ["shard_map", "pmap"])
+def test_groups_that_disagree_on_the_second_round_all_take_it(form):
+    # The first group's data sit 1e4 std from the running mean (its second round is needed),
+    # the second group's at it. The second round's collective spans all devices, so every
+    # device must take the same branch: before the predicate was or-ed over the groups, the
+    # second group's devices skipped it and the first group's waited forever (XLA CPU
+    # aborted after its 40 s rendezvous timeout). The variance's tolerance is the one the
+    # far-mean tests use (1e-4 relative at mean 1e4 x std).
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    params, state, x, _ = setup((16, 3))
+    x = x.at[:8].add(3e4)
+    y0, states0 = per_group_reference(params, state, np.asarray(x), groups, 2)
+
+    def local(x):
+        y, s = dropnorm.batch_norm(params, state, x, True, axis_name="d",
+                                   axis_index_groups=groups)
+        return y, jax.tree.map(lambda a: a[None], s)
+
+    if form == "shard_map":
+        y, s = jax.jit(shard_map(local, mesh=mesh1d(), in_specs=P("d"),
+                                 out_specs=(P("d"), P("d"))))(x)
+    else:
+        y, s = jax.jit(jax.pmap(local, axis_name="d"))(x.reshape(N, 2, 3))
+        y, s = y.reshape(x.shape), jax.tree.map(lambda a: a[:, 0], s)
+    close(y, y0, rtol=1e-4, atol=1e-4)
+    for d in range(N):
+        close(s.mean[d], states0[d].mean)
+        close(s.var[d], states0[d].var, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("groups", GROUPS, ids=["halves", "uneven", "scattered"])
 @pytest.mark.parametrize("form", ["shard_map", "pmap", "vmap"])
 def test_axis_index_groups_give_per_group_statistics(form, groups):
@@ -540,6 +570,23 @@ def test_ghost_batches_across_devices_equal_single_device(form, rows, v):
     close(y, y0)
     tree_close(s, s0)
     tree_close(grads, grads0)
+
+
+def test_ghost_batches_spanning_devices_that_disagree_on_the_second_round():
+    # Ghost batches of 4 rows spanning 2 devices each (summed by recursive doubling): only
+    # the first one's data sit far from the running mean, so only its devices' sums call
+    # for the second round, whose exchanges span all devices; the flag is or-ed over the
+    # devices (one scalar psum) so that all take it (see the groups test above).
+    params, state, x, w = setup((N * 2, 3))
+    x = x.at[:4].add(3e4)
+    kw = dict(momentum=0.9, virtual_batch_size=4)
+    (y0, s0), _ = reference(params, state, x, w, **kw)
+    y, s = jax.jit(shard_map(
+        lambda p, x: dropnorm.batch_norm(p, state, x, True, axis_name="d", **kw),
+        mesh=mesh1d(), in_specs=(P(), P("d")), out_specs=(P("d"), P())))(params, x)
+    close(y, y0, rtol=1e-4, atol=1e-4)
+    close(s.mean, s0.mean)
+    close(s.var, s0.var, rtol=1e-4, atol=1e-4)
 
 
 def test_ghost_batch_errors():
