@@ -1,15 +1,49 @@
-"""Test configuration: 8 simulated CPU devices, warnings as errors (see pyproject.toml).
+"""Test configuration: 8 simulated CPU devices, a compilation cache, warnings as errors.
 
-XLA_FLAGS must be set before JAX initialises its backends, so it is set here, at
-import time of the first conftest, for every test module in the session.
+XLA_FLAGS must be set before JAX initialises its backends, so they are set here, at import
+time of the first conftest, for every test module of the session and for the subprocesses
+that tests start (they inherit the environment):
+
+- ``--xla_force_host_platform_device_count=8``: 8 simulated CPU devices.
+- ``--xla_backend_optimization_level=0``: LLVM's code generation for XLA CPU without its
+  optimisation passes. Most of the suite's time is XLA compiling small programs that then
+  run once on tiny inputs; this took the suite from 386 s to about 290 s (2026-12-04, idle,
+  cold cache). It acts below XLA's HLO passes, so the compiled programs' structure that
+  tests read (collectives, fusions, temp memory, residuals) is the one users get. Floating
+  point differs in one respect: without LLVM's passes no multiply-add is contracted into an
+  FMA, so float32 results may differ from a default build's in the last bits; every
+  tolerance in the suite holds for both, and the one test that checks a figure quoted from
+  a default build (the fold example's largest rounding difference, tests/test_docs.py) runs
+  it in a subprocess with the default flags. Benchmarks never run with it.
+- ``--xla_cpu_multi_thread_eigen=false``: no thread pool for Eigen's kernels (pytest-xdist
+  runs one process per core, and a test's tiny programs gain nothing from one).
+
+JAX's persistent compilation cache is on (``JAX_COMPILATION_CACHE_DIR``, default
+``.jax_cache/`` at the repository root, ignored by git; every program is cached, however
+fast it compiled): the two xdist workers and the subprocesses share it, and a second run
+of the suite reuses the first's compiles. Set ``JAX_COMPILATION_CACHE_DIR`` to share it
+elsewhere (CI shares one between its two suite runs), or to an empty string to turn it off.
 """
 
 import os
+import pathlib
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+# Unknown words stop XLA's flag parsing (the flags after one are ignored): only real flags.
+_FLAGS = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
+          "--xla_cpu_multi_thread_eigen=false"]
+_flags = os.environ.get("XLA_FLAGS", "").split()
+for _flag in _FLAGS:
+    if not any(f.split("=")[0] == _flag.split("=")[0] for f in _flags):
+        _flags.append(_flag)
+os.environ["XLA_FLAGS"] = " ".join(_flags)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path(__file__).resolve().parents[1] / ".jax_cache"))
+if os.environ["JAX_COMPILATION_CACHE_DIR"]:
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+else:
+    del os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 def pytest_configure(config):

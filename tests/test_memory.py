@@ -129,6 +129,12 @@ def test_twelve_layer_bf16_step_temp_memory_at_most_0_8_of_flax():
 
 # --- the hand-written tangent of the training path, against float64 autodiff ----------------
 
+def _jvp(f, primals, tangents):
+    # Jitted, as the grads and Hessians of the derivative tests: one compile per function
+    # instead of one per primitive run eagerly (these tests compiled ~1,200 programs).
+    return jax.jit(lambda p, t: jax.jvp(f, p, t)[1])(primals, tangents)
+
+
 def _textbook(x, scale, bias, mask=None, eps=1e-5):
     red = tuple(range(x.ndim - 1))
     if mask is None:
@@ -169,14 +175,14 @@ def test_batch_norm_derivatives_match_float64_autodiff(with_mask, loc):
             a, b = np.asarray(a), np.asarray(b)
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * np.abs(b).max())
 
-        for g_ours, g_ref in zip(jax.grad(ours, (0, 1, 2))(x, scale, bias),
-                                 jax.grad(ref, (0, 1, 2))(x, scale, bias), strict=True):
+        for g_ours, g_ref in zip(jax.jit(jax.grad(ours, (0, 1, 2)))(x, scale, bias),
+                                 jax.jit(jax.grad(ref, (0, 1, 2)))(x, scale, bias), strict=True):
             close(g_ours, g_ref)
         t = (random_normal(x.shape, jnp.float64, seed=2), jnp.ones(3), jnp.ones(3))
-        close(jax.jvp(ours, (x, scale, bias), t)[1], jax.jvp(ref, (x, scale, bias), t)[1])
+        close(_jvp(ours, (x, scale, bias), t), _jvp(ref, (x, scale, bias), t))
         xs = x[:6, :2]
-        h = jax.hessian(lambda v: ours(x.at[:6, :2].set(v), scale, bias))(xs)
-        h_ref = jax.hessian(lambda v: ref(x.at[:6, :2].set(v), scale, bias))(xs)
+        h = jax.jit(jax.hessian(lambda v: ours(x.at[:6, :2].set(v), scale, bias)))(xs)
+        h_ref = jax.jit(jax.hessian(lambda v: ref(x.at[:6, :2].set(v), scale, bias)))(xs)
         close(h, h_ref)
 
 
@@ -324,14 +330,14 @@ def test_every_training_path_derivatives_match_float64_autodiff(kind):
             a, b = np.asarray(a), np.asarray(b)
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * np.abs(b).max())
 
-        for g_ours, g_ref in zip(jax.grad(ours, (0, 1, 2))(x, scale, bias),
-                                 jax.grad(ref, (0, 1, 2))(x, scale, bias), strict=True):
+        for g_ours, g_ref in zip(jax.jit(jax.grad(ours, (0, 1, 2)))(x, scale, bias),
+                                 jax.jit(jax.grad(ref, (0, 1, 2)))(x, scale, bias), strict=True):
             close(g_ours, g_ref)
         t = (random_normal(x.shape, jnp.float64, seed=4), jnp.ones(3), jnp.ones(3))
-        close(jax.jvp(ours, (x, scale, bias), t)[1], jax.jvp(ref, (x, scale, bias), t)[1])
+        close(_jvp(ours, (x, scale, bias), t), _jvp(ref, (x, scale, bias), t))
         xs = x[:4, :2]
-        h = jax.hessian(lambda v: ours(x.at[:4, :2].set(v), scale, bias))(xs)
-        h_ref = jax.hessian(lambda v: ref(x.at[:4, :2].set(v), scale, bias))(xs)
+        h = jax.jit(jax.hessian(lambda v: ours(x.at[:4, :2].set(v), scale, bias)))(xs)
+        h_ref = jax.jit(jax.hessian(lambda v: ref(x.at[:4, :2].set(v), scale, bias)))(xs)
         close(h, h_ref)
 
 
@@ -350,5 +356,6 @@ def test_gradient_through_the_running_statistics_in_traced_eval():
             return jnp.sum(jnp.sin((x - mean) / jnp.sqrt(var + 1e-5)))
 
         m, v = jnp.asarray([0.1, -0.2, 0.3]), jnp.asarray([1.0, 2.0, 0.5])
-        for a, b in zip(jax.grad(ours, (0, 1))(m, v), jax.grad(ref, (0, 1))(m, v), strict=True):
+        for a, b in zip(jax.jit(jax.grad(ours, (0, 1)))(m, v), jax.jit(jax.grad(ref, (0, 1)))(m, v),
+                        strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-9)
