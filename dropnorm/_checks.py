@@ -79,7 +79,7 @@ def check_rate(rate: Any, fn: str, name: str = "rate") -> float | jax.Array:
         raise ValueError(
             f"{fn}: `{name}` must be in [0, 1] (the probability of DROPPING an element, not of "
             f"keeping it); got {rate!r}. Use 0 to disable dropout; if you meant a keep "
-            f"probability p, pass {name}=1 - p."
+            f"probability k, pass {name}=1 - k."
         )
     return value
 

@@ -50,6 +50,13 @@ def test_rate_out_of_range_or_nan(fn, rate, shown, train):
     _raises_at_trace(lambda x: fn(KEY, x, rate, train), X, ValueError, "`rate`", shown)
 
 
+def test_a_keep_probability_is_named_apart_from_the_argument():
+    # The fix names the argument and a keep probability by different letters: Equinox's
+    # argument is itself called p, where "pass p=1 - p" read as nonsense.
+    with pytest.raises(ValueError, match=r"keep probability k, pass `?rate`?=1 - k"):
+        dropnorm.dropout(KEY, X, 1.5, True)
+
+
 @pytest.mark.parametrize("rate", ["0.5", None, [0.5], jnp.array([0.1, 0.2]), True, np.True_,
                                   jnp.asarray(True), 0.5 + 0j, np.complex64(0.5)])
 def test_rate_of_the_wrong_kind(rate):
