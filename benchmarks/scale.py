@@ -139,6 +139,19 @@ def _probe(lower: Callable) -> dict:
 
 # --- axis_name: one layer under shard_map, pmap and vmap; the pmap ResNet step ----------------
 
+
+def _probe_median(lower, reps: int) -> dict:
+    """:func:`_probe` ``reps`` times, each tracing and compiling afresh: the structure of the
+    first, the median of each time."""
+    cells = []
+    for _ in range(reps):
+        jax.clear_caches()  # every repetition traces and compiles afresh
+        cells.append(_probe(lower))
+    c = dict(cells[0])
+    for k in ("lower_s", "compile_s", "lower_cpu_s", "compile_cpu_s"):
+        c[k] = statistics.median(x[k] for x in cells)
+    return c
+
 def _groups(n: int, g: int) -> list[list[int]]:
     """``g`` groups of unequal sizes covering ``n`` devices: one of size 1, the rest even."""
     rest = np.array_split(np.arange(1, n), g - 1)
@@ -227,15 +240,8 @@ def scale_layers(n: int, features: int = SCALE_FEATURES, reps: int = 1, only=Non
     def record(transform, variant, impl, mode, lower):
         if only is not None and (transform, variant, mode) not in only:
             return
-        cells = []
-        for _ in range(reps):
-            jax.clear_caches()  # every repetition traces and compiles afresh
-            cells.append(_probe(lower))
-        c = dict(cells[0])
-        for k in ("lower_s", "compile_s", "lower_cpu_s", "compile_cpu_s"):
-            c[k] = statistics.median(x[k] for x in cells)
         out.append({"devices": n, "transform": transform, "variant": variant, "impl": impl,
-                    "mode": mode, **c})
+                    "mode": mode, **_probe_median(lower, reps)})
 
     shp = (n, b, features)
     for variant, kw in variants.items():
@@ -638,14 +644,8 @@ def sharded_layers(n: int, reps: int = 1, only=None) -> dict:
         if only is not None and program not in only:
             continue
         for impl, lower in impls.items():
-            cells = []
-            for _ in range(reps):
-                jax.clear_caches()  # every repetition traces and compiles afresh
-                cells.append(_probe(lower))
-            c = dict(cells[0])
-            for k in ("lower_s", "compile_s", "lower_cpu_s", "compile_cpu_s"):
-                c[k] = statistics.median(x[k] for x in cells)
-            out.append({"devices": n, "program": program, "impl": impl, **c})
+            out.append({"devices": n, "program": program, "impl": impl,
+                        **_probe_median(lower, reps)})
     return {"devices": n, "features": SHARDED_FEATURES, "batch": SHARDED_BATCH,
             "model_axis": SHARDED_MODEL_AXIS, "layers": out}
 
