@@ -16,6 +16,16 @@ that tests start (they inherit the environment):
   quoted from a default build (the fold example's largest rounding difference,
   tests/test_docs.py) runs it in a subprocess with the default flags. Benchmarks never run
   with it.
+- ``--xla_cpu_use_fusion_emitters=false``: XLA CPU's older, LLVM-IR emitters for fused
+  computations instead of its MLIR fusion emitters, whose compile pipeline costs about as
+  much again for a small program (92 small compiles: 2.2 s with them, 1.0 s without; the
+  suite from about 340 s to about 200 s, 2026-12-04, idle). XLA's fusion decisions, buffer
+  assignment and collectives are the same: the optimised HLO of a sharded batch norm, its
+  gradient, dropout and attention differed only in single operations that the MLIR
+  emitters wrap as one-instruction fusions (``wrapped_add``), with identical temp memory.
+  Like the flag above, it may change float32 results in the last bits (the fold example's
+  largest difference: 2.86e-6 with both flags, 2.38e-6 without), so that test strips it
+  too.
 - ``--xla_cpu_multi_thread_eigen=false``: no thread pool for Eigen's kernels (pytest-xdist
   runs one process per core, and a test's tiny programs gain nothing from one).
 
@@ -34,6 +44,7 @@ import os
 
 # Unknown words stop XLA's flag parsing (the flags after one are ignored): only real flags.
 _FLAGS = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
+          "--xla_cpu_use_fusion_emitters=false",
           "--xla_cpu_multi_thread_eigen=false"]
 _flags = os.environ.get("XLA_FLAGS", "").split()
 for _flag in _FLAGS:
@@ -45,6 +56,25 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
+
+
+# Seconds each file took in one worker (2026-12-04, idle 2-core machine), for the order below.
+_FILE_SECONDS = {
+    "test_examples.py": 39, "test_batch_norm.py": 24, "test_memory.py": 22,
+    "test_distributed.py": 21, "test_multiprocess.py": 18, "test_linen.py": 17,
+    "test_transforms.py": 17, "test_docs.py": 16, "test_export.py": 16, "test_scale.py": 16,
+    "test_family.py": 15, "test_flax_usage.py": 15, "test_equinox.py": 13,
+    "test_masks.py": 11, "test_readme.py": 11, "test_nnx.py": 11, "test_drop_block.py": 8,
+    "test_attention.py": 8, "test_population.py": 8, "test_mc_dropout.py": 7,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the longest files first. pytest-xdist (``--dist=loadfile``) hands whole files to
+    the workers in this order, so the short ones fill the end and both workers finish close
+    together, instead of one running a long file alone at the end (which cost 10-20 s). The
+    order within a file is kept; files not listed (short ones) keep theirs, after these."""
+    items.sort(key=lambda item: -_FILE_SECONDS.get(item.path.name, 0))
 
 
 def pytest_configure(config):

@@ -54,8 +54,11 @@ def _launch(argv_of, timeout: float = TIMEOUT) -> list[str]:
 
     address = f"127.0.0.1:{_free_port()}"
     here = pathlib.Path(dropnorm.__file__).resolve().parents[1]  # the dropnorm under test
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+    # The session's XLA flags (tests/conftest.py: its fast compiles), with this device count.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags.append(f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags),
                PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
     with tempfile.TemporaryDirectory() as tmp:
         logs = [open(os.path.join(tmp, f"{i}.log"), "w+") for i in range(PROCESSES)]
