@@ -12,9 +12,7 @@ deterministic anyway). Float32-against-float64 tolerances are stated where used.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -27,7 +25,6 @@ from hypothesis import strategies as st
 
 import dropnorm
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 N = 200_000  # samples for the moment checks: standard error of a mean ~ 1/sqrt(N) = 0.0022
 SE6 = 6.0 / math.sqrt(N)
 ALPHA = 1.7580993408473766  # -SELU scale * alpha, the constant PyTorch hard-codes
@@ -458,17 +455,3 @@ def test_property_fold_dense_or_kernel_any_rank(n_in, n_out, spatial, use_bias, 
     np.testing.assert_allclose(np.asarray(k2), kernel * a, rtol=1e-6, atol=1e-6)
     b64 = _bn_eval64(0.0 if bias is None else bias.astype(np.float64), params, state)
     np.testing.assert_allclose(np.asarray(b2), b64, rtol=1e-6, atol=1e-6)
-
-
-# --- the example ------------------------------------------------------------------------------
-
-
-def test_fold_batch_norm_example_runs_and_matches():
-    spec = importlib.util.spec_from_file_location(
-        "fold_example", ROOT / "examples" / "fold_batch_norm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.main(steps=150, verbose=False)
-    assert result["test_accuracy"] > 0.9  # it trained: digits, 10 classes
-    assert result["same_predictions"] == 1.0
-    assert result["max_abs_diff"] < 1e-4  # float32 logits of order 10 (see the example)
