@@ -14,6 +14,7 @@ checkpoint takes exactly the same steps as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -157,29 +158,57 @@ def optimizer(cfg: Config) -> optax.GradientTransformation:
 
 
 class Trainer:
-    """Compiled training chunk and evaluation for one :class:`Config`, vmapped over seeds."""
+    """Compiled training chunk and evaluation for one :class:`Config`, vmapped over seeds.
+
+    The data are arguments of the compiled programs, not constants baked into them, and the
+    programs belong to the configuration (:func:`_programs`): every trainer of one config
+    and data shapes runs the same compiled chunk, whatever arrays it holds."""
 
     def __init__(self, cfg: Config, x: np.ndarray, y: np.ndarray,
                  x_test: np.ndarray, y_test: np.ndarray):
         self.cfg = cfg
-        self.model = Net(cfg)
-        self.tx = optimizer(cfg)
+        self._programs = _programs(cfg)
+        self.model = self._programs.model
+        self.tx = self._programs.tx
         self.data = tuple(jnp.asarray(a) for a in (x, y, x_test, y_test))
-        self._chunk = jax.jit(self._chunk_impl, static_argnums=2)
-        self._eval = jax.jit(self._eval_impl)
-        self._init = jax.jit(jax.vmap(self._init_one))
-
-    # -- state ------------------------------------------------------------------------------
-    def _init_one(self, seed):
-        variables = self.model.init(_keys(seed)[0],
-                                    self.data[0][:2], train=False)
-        params = variables["params"]
-        return TrainState(params, variables.get("batch_stats", {}),
-                          self.tx.init(params), jnp.zeros((), jnp.int32))
 
     def init(self, seeds: Sequence[int]) -> TrainState:
         """A fresh state for each seed (leading axis: seeds)."""
-        return self._init(jnp.asarray(seeds, jnp.int32))
+        return self._programs.init(jnp.asarray(seeds, jnp.int32), self.data[0][:2])
+
+    def train(self, state: TrainState, seeds, n: int):
+        """Run ``n`` steps for every seed; returns (state, mean minibatch loss per seed)."""
+        return self._programs.chunk(state, jnp.asarray(seeds, jnp.int32), self.data, n)
+
+    def evaluate(self, state: TrainState) -> dict[str, np.ndarray]:
+        """Eval-mode metrics on the whole training and test sets, per seed (NumPy)."""
+        return {k: np.asarray(v) for k, v in self._programs.eval(state, self.data).items()}
+
+
+@functools.cache
+def _programs(cfg: Config) -> _Programs:
+    """The compiled programs of one configuration, shared by all its trainers."""
+    return _Programs(cfg)
+
+
+class _Programs:
+    """Initialisation, training chunk and evaluation of one :class:`Config`, jitted; the
+    data (``x, y, x_test, y_test``) are arguments."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.model = Net(cfg)
+        self.tx = optimizer(cfg)
+        self.chunk = jax.jit(self._chunk_impl, static_argnums=3)
+        self.eval = jax.jit(self._eval_impl)
+        self.init = jax.jit(jax.vmap(self._init_one, in_axes=(0, None)))
+
+    # -- state ------------------------------------------------------------------------------
+    def _init_one(self, seed, x_example):
+        variables = self.model.init(_keys(seed)[0], x_example, train=False)
+        params = variables["params"]
+        return TrainState(params, variables.get("batch_stats", {}),
+                          self.tx.init(params), jnp.zeros((), jnp.int32))
 
     # -- training ---------------------------------------------------------------------------
     def _loss(self, params, batch_stats, xb, yb, key):
@@ -189,8 +218,7 @@ class Trainer:
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
         return loss, updates.get("batch_stats", {})
 
-    def _step_one(self, state: TrainState, seed):
-        x, y = self.data[0], self.data[1]
+    def _step_one(self, state: TrainState, seed, x, y):
         key = jax.random.fold_in(_keys(seed)[1], state.step)
         k_batch, k_drop = jax.random.split(key)
         idx = jax.random.randint(k_batch, (self.cfg.batch_size,), 0, x.shape[0])
@@ -200,20 +228,18 @@ class Trainer:
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, batch_stats, opt_state, state.step + 1), loss
 
-    def _chunk_impl(self, state, seeds, n):
+    def _chunk_impl(self, state, seeds, data, n):
+        x, y = data[0], data[1]
+
         def one(s, seed):
-            return jax.lax.scan(lambda c, _: self._step_one(c, seed), s, None, length=n)
+            return jax.lax.scan(lambda c, _: self._step_one(c, seed, x, y), s, None, length=n)
 
         state, losses = jax.vmap(one)(state, seeds)
         return state, losses.mean(axis=1)
 
-    def train(self, state: TrainState, seeds, n: int):
-        """Run ``n`` steps for every seed; returns (state, mean minibatch loss per seed)."""
-        return self._chunk(state, jnp.asarray(seeds, jnp.int32), n)
-
     # -- evaluation -------------------------------------------------------------------------
-    def _eval_one(self, state: TrainState):
-        x, y, x_test, y_test = self.data
+    def _eval_one(self, state: TrainState, data):
+        x, y, x_test, y_test = data
         variables = {"params": state.params, "batch_stats": state.batch_stats}
 
         def metrics(xs, ys):
@@ -240,12 +266,8 @@ class Trainer:
             out["var_ratio"] = jnp.mean(running / actual)
         return out
 
-    def evaluate(self, state: TrainState) -> dict[str, np.ndarray]:
-        """Eval-mode metrics on the whole training and test sets, per seed (NumPy)."""
-        return {k: np.asarray(v) for k, v in self._eval(state).items()}
-
-    def _eval_impl(self, state):
-        return jax.vmap(self._eval_one)(state)
+    def _eval_impl(self, state, data):
+        return jax.vmap(self._eval_one, in_axes=(0, None))(state, data)
 
 
 def steps_to(history_steps: np.ndarray, curve: np.ndarray, threshold: float) -> np.ndarray:
