@@ -57,7 +57,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 
-
 # Seconds each file took in one worker (2026-12-04, idle 2-core machine), for the order below.
 _FILE_SECONDS = {
     "test_examples.py": 39, "test_batch_norm.py": 24, "test_memory.py": 22,
