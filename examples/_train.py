@@ -3,12 +3,14 @@
 The networks are built from ``flax.linen`` layers and dropnorm's drop-in
 ``dropnorm.linen.BatchNorm`` / ``dropnorm.linen.Dropout``; the optimiser is optax's Adam.
 
-Efficiency: one configuration is compiled once and serves every seed. The training state
-carries a leading seed axis and the step is ``jax.vmap``-ed over it; ``eval_every`` steps
-run inside one ``jax.lax.scan`` per call, and the model is evaluated (on the whole training
-and test sets, in eval mode) only between those chunks. Every random draw (minibatch
-indices, dropout masks) comes from ``fold_in(key(seed), step)``, so a run resumed from a
-checkpoint takes exactly the same steps as an uninterrupted one.
+Efficiency: one network structure is compiled once and serves every seed and every
+dropout rate, momentum and learning rate (arguments of the compiled programs, as are the
+data). The training state carries a leading seed axis and the step is ``jax.vmap``-ed
+over it; ``eval_every`` steps run inside one ``jax.lax.scan`` per call, and the model is
+evaluated (on the whole training and test sets, in eval mode) only between those chunks.
+Every random draw (minibatch indices, dropout masks) comes from ``fold_in(key(seed),
+step)``, so a run resumed from a checkpoint takes exactly the same steps as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -103,7 +105,9 @@ class Net(nn.Module):
     cfg: Config
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, rate=None, momentum=None):
+        """``rate`` and ``momentum`` (traced values allowed) override the config's; whether
+        there is dropout at all is the config's (``cfg.dropout > 0``)."""
         cfg = self.cfg
         cnn = cfg.model == "cnn"
         width = cfg.width or (32 if cnn else 100)
@@ -113,10 +117,11 @@ class Net(nn.Module):
                       lambda: Conv1D(width, 3)]
         else:
             layers = [lambda: nn.Dense(width), lambda: nn.Dense(width)]
-        rate = cfg.dropout
+        rate = cfg.dropout if rate is None else rate
+        momentum = cfg.momentum if momentum is None else momentum
 
         def drop(h):
-            return dnn.Dropout(rate)(h, deterministic=not train) if rate > 0 else h
+            return dnn.Dropout(rate)(h, deterministic=not train) if cfg.dropout > 0 else h
 
         for i, layer in enumerate(layers):
             if cfg.placement == "before_bn" and i > 0:
@@ -124,7 +129,7 @@ class Net(nn.Module):
             x = layer()(x)
             if cfg.batch_norm:
                 self.sow("intermediates", f"bn_in{i}", x)
-                x = dnn.BatchNorm(use_running_average=not train, momentum=cfg.momentum)(x)
+                x = dnn.BatchNorm(use_running_average=not train, momentum=momentum)(x)
             self.sow("intermediates", f"preact{i}", x)
             x = nn.relu(x)
             if cfg.placement == "standard":
@@ -153,24 +158,37 @@ def _keys(seed):
     return jax.random.split(jax.random.key(seed))
 
 
-def optimizer(cfg: Config) -> optax.GradientTransformation:
-    return optax.adam(optax.cosine_decay_schedule(cfg.lr, cfg.steps, alpha=0.01))
+def optimizer(cfg: Config, lr=None) -> optax.GradientTransformation:
+    """Adam with a cosine decay of the peak rate ``lr`` (the config's unless given; traced
+    values allowed) to 1% of it over ``cfg.steps``."""
+    return optax.adam(optax.cosine_decay_schedule(cfg.lr if lr is None else lr, cfg.steps,
+                                                  alpha=0.01))
+
+
+class Hyper(NamedTuple):
+    """A configuration's values that are arguments of its compiled programs (float32)."""
+
+    rate: jax.Array
+    momentum: jax.Array
+    lr: jax.Array
 
 
 class Trainer:
     """Compiled training chunk and evaluation for one :class:`Config`, vmapped over seeds.
 
-    The data are arguments of the compiled programs, not constants baked into them, and the
-    programs belong to the configuration (:func:`_programs`): every trainer of one config
-    and data shapes runs the same compiled chunk, whatever arrays it holds."""
+    The data, the dropout rate, the momentum and the learning rate are arguments of the
+    compiled programs, not constants baked into them, and the programs belong to the
+    network's structure (:func:`_programs`): every trainer of one structure and data
+    shapes runs the same compiled chunk (a sweep over rates or momenta compiles once)."""
 
     def __init__(self, cfg: Config, x: np.ndarray, y: np.ndarray,
                  x_test: np.ndarray, y_test: np.ndarray):
         self.cfg = cfg
-        self._programs = _programs(cfg)
-        self.model = self._programs.model
-        self.tx = self._programs.tx
+        self.model = Net(cfg)
+        self.tx = optimizer(cfg)
         self.data = tuple(jnp.asarray(a) for a in (x, y, x_test, y_test))
+        self._programs = _programs(_structure(cfg))
+        self._hyper = Hyper(*(jnp.float32(v) for v in (cfg.dropout, cfg.momentum, cfg.lr)))
 
     def init(self, seeds: Sequence[int]) -> TrainState:
         """A fresh state for each seed (leading axis: seeds)."""
@@ -178,28 +196,36 @@ class Trainer:
 
     def train(self, state: TrainState, seeds, n: int):
         """Run ``n`` steps for every seed; returns (state, mean minibatch loss per seed)."""
-        return self._programs.chunk(state, jnp.asarray(seeds, jnp.int32), self.data, n)
+        return self._programs.chunk(state, jnp.asarray(seeds, jnp.int32), self.data,
+                                    self._hyper, n)
 
     def evaluate(self, state: TrainState) -> dict[str, np.ndarray]:
         """Eval-mode metrics on the whole training and test sets, per seed (NumPy)."""
-        return {k: np.asarray(v) for k, v in self._programs.eval(state, self.data).items()}
+        metrics = self._programs.eval(state, self.data, self._hyper)
+        return {k: np.asarray(v) for k, v in metrics.items()}
+
+
+def _structure(cfg: Config) -> Config:
+    """``cfg`` without the values that :class:`Hyper` carries (dropout stays on or off)."""
+    return dataclasses.replace(cfg, dropout=0.5 if cfg.dropout > 0 else 0.0, momentum=0.5,
+                               lr=1.0)
 
 
 @functools.cache
-def _programs(cfg: Config) -> _Programs:
-    """The compiled programs of one configuration, shared by all its trainers."""
-    return _Programs(cfg)
+def _programs(structure: Config) -> _Programs:
+    """The compiled programs of one network structure, shared by all its trainers."""
+    return _Programs(structure)
 
 
 class _Programs:
-    """Initialisation, training chunk and evaluation of one :class:`Config`, jitted; the
-    data (``x, y, x_test, y_test``) are arguments."""
+    """Initialisation, training chunk and evaluation of one network structure, jitted; the
+    data (``x, y, x_test, y_test``) and the :class:`Hyper` values are arguments."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.model = Net(cfg)
-        self.tx = optimizer(cfg)
-        self.chunk = jax.jit(self._chunk_impl, static_argnums=3)
+    def __init__(self, structure: Config):
+        self.cfg = structure
+        self.model = Net(structure)
+        self.tx = optimizer(structure)  # its state's structure; the updates use Hyper.lr
+        self.chunk = jax.jit(self._chunk_impl, static_argnums=4)
         self.eval = jax.jit(self._eval_impl)
         self.init = jax.jit(jax.vmap(self._init_one, in_axes=(0, None)))
 
@@ -211,39 +237,43 @@ class _Programs:
                           self.tx.init(params), jnp.zeros((), jnp.int32))
 
     # -- training ---------------------------------------------------------------------------
-    def _loss(self, params, batch_stats, xb, yb, key):
+    def _loss(self, params, batch_stats, xb, yb, key, hyper):
         logits, updates = self.model.apply(
             {"params": params, "batch_stats": batch_stats}, xb, train=True,
-            rngs={"dropout": key}, mutable=["batch_stats"])
+            rate=hyper.rate, momentum=hyper.momentum, rngs={"dropout": key},
+            mutable=["batch_stats"])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
         return loss, updates.get("batch_stats", {})
 
-    def _step_one(self, state: TrainState, seed, x, y):
+    def _step_one(self, state: TrainState, seed, x, y, hyper):
         key = jax.random.fold_in(_keys(seed)[1], state.step)
         k_batch, k_drop = jax.random.split(key)
         idx = jax.random.randint(k_batch, (self.cfg.batch_size,), 0, x.shape[0])
         (loss, batch_stats), grads = jax.value_and_grad(self._loss, has_aux=True)(
-            state.params, state.batch_stats, x[idx], y[idx], k_drop)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            state.params, state.batch_stats, x[idx], y[idx], k_drop, hyper)
+        tx = optimizer(self.cfg, lr=hyper.lr)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, batch_stats, opt_state, state.step + 1), loss
 
-    def _chunk_impl(self, state, seeds, data, n):
+    def _chunk_impl(self, state, seeds, data, hyper, n):
         x, y = data[0], data[1]
 
         def one(s, seed):
-            return jax.lax.scan(lambda c, _: self._step_one(c, seed, x, y), s, None, length=n)
+            return jax.lax.scan(lambda c, _: self._step_one(c, seed, x, y, hyper), s, None,
+                                length=n)
 
         state, losses = jax.vmap(one)(state, seeds)
         return state, losses.mean(axis=1)
 
     # -- evaluation -------------------------------------------------------------------------
-    def _eval_one(self, state: TrainState, data):
+    def _eval_one(self, state: TrainState, data, hyper):
         x, y, x_test, y_test = data
         variables = {"params": state.params, "batch_stats": state.batch_stats}
 
         def metrics(xs, ys):
-            logits, inter = self.model.apply(variables, xs, train=False,
+            logits, inter = self.model.apply(variables, xs, train=False, rate=hyper.rate,
+                                             momentum=hyper.momentum,
                                              mutable=["intermediates"])
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
             acc = (logits.argmax(-1) == ys).mean()
@@ -266,8 +296,8 @@ class _Programs:
             out["var_ratio"] = jnp.mean(running / actual)
         return out
 
-    def _eval_impl(self, state, data):
-        return jax.vmap(self._eval_one, in_axes=(0, None))(state, data)
+    def _eval_impl(self, state, data, hyper):
+        return jax.vmap(self._eval_one, in_axes=(0, None, None))(state, data, hyper)
 
 
 def steps_to(history_steps: np.ndarray, curve: np.ndarray, threshold: float) -> np.ndarray:
