@@ -50,16 +50,13 @@ def _launch(argv_of, timeout: float = TIMEOUT) -> list[str]:
     are killed at once (they would wait for it in a collective); so are all of them at the
     deadline. Outputs go to files, so a full pipe can never block a process.
     """
-    import dropnorm
+    # The benchmark's subprocess environment: the session's XLA flags (tests/conftest.py: its
+    # fast compiles) with LOCAL_DEVICES devices, and the dropnorm under test first on the path.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench import scale
 
     address = f"127.0.0.1:{_free_port()}"
-    here = pathlib.Path(dropnorm.__file__).resolve().parents[1]  # the dropnorm under test
-    # The session's XLA flags (tests/conftest.py: its fast compiles), with this device count.
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    flags.append(f"--xla_force_host_platform_device_count={LOCAL_DEVICES}")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags),
-               PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
+    env = scale.worker_env(LOCAL_DEVICES)
     with tempfile.TemporaryDirectory() as tmp:
         logs = [open(os.path.join(tmp, f"{i}.log"), "w+") for i in range(PROCESSES)]
         procs = [subprocess.Popen(argv_of(i, address), env=env, cwd=str(ROOT), stdout=logs[i],

@@ -29,18 +29,16 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
-import dropnorm
-
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 from bench import SCALE_FEATURES, conditional_collectives, hlo_collectives  # noqa: E402
+from bench import scale as bench_scale  # noqa: E402
 
 DEVICES = (8, 64)
 FLAX_BYTES = 2 * SCALE_FEATURES * 4  # one pmean of (mean, mean of squares), float32
@@ -61,14 +59,9 @@ FORWARD = [c for c in CELLS
 
 
 def _probe(n: int) -> list[dict]:
-    # The subprocess imports the same dropnorm as this session (wherever it was found).
-    root = pathlib.Path(dropnorm.__file__).resolve().parents[1]
-    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                     if not f.startswith("--xla_force_host_platform_device_count"))
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={n}".strip(),
-               PYTHONPATH=os.pathsep.join([str(root), str(BENCH),
-                                           os.environ.get("PYTHONPATH", "")]))
+    # The benchmark's own subprocess environment: n devices, the session's other XLA flags,
+    # the same dropnorm as this session first on the path; bench from the working directory.
+    env = bench_scale.worker_env(n)
     code = ("import json, sys, bench; "
             f"print(json.dumps([bench.scale_layers({n}, only={[tuple(c) for c in CELLS]!r}),"
             f" bench.sharded_layers({n}, only={SHARDED!r})]))")
