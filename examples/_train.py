@@ -201,8 +201,7 @@ class Trainer:
 
     def evaluate(self, state: TrainState) -> dict[str, np.ndarray]:
         """Eval-mode metrics on the whole training and test sets, per seed (NumPy)."""
-        metrics = self._programs.eval(state, self.data, self._hyper)
-        return {k: np.asarray(v) for k, v in metrics.items()}
+        return {k: np.asarray(v) for k, v in self._programs.eval(state, self.data).items()}
 
 
 def _structure(cfg: Config) -> Config:
@@ -219,7 +218,8 @@ def _programs(structure: Config) -> _Programs:
 
 class _Programs:
     """Initialisation, training chunk and evaluation of one network structure, jitted; the
-    data (``x, y, x_test, y_test``) and the :class:`Hyper` values are arguments."""
+    data (``x, y, x_test, y_test``) are arguments, and the training chunk's :class:`Hyper`
+    values too."""
 
     def __init__(self, structure: Config):
         self.cfg = structure
@@ -267,13 +267,14 @@ class _Programs:
         return state, losses.mean(axis=1)
 
     # -- evaluation -------------------------------------------------------------------------
-    def _eval_one(self, state: TrainState, data, hyper):
+    def _eval_one(self, state: TrainState, data):
         x, y, x_test, y_test = data
         variables = {"params": state.params, "batch_stats": state.batch_stats}
 
         def metrics(xs, ys):
-            logits, inter = self.model.apply(variables, xs, train=False, rate=hyper.rate,
-                                             momentum=hyper.momentum,
+            # Eval mode: dropout is off and BatchNorm reads its running averages, so the
+            # rate and the momentum (the structure's placeholders here) play no part.
+            logits, inter = self.model.apply(variables, xs, train=False,
                                              mutable=["intermediates"])
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
             acc = (logits.argmax(-1) == ys).mean()
@@ -296,8 +297,8 @@ class _Programs:
             out["var_ratio"] = jnp.mean(running / actual)
         return out
 
-    def _eval_impl(self, state, data, hyper):
-        return jax.vmap(self._eval_one, in_axes=(0, None, None))(state, data, hyper)
+    def _eval_impl(self, state, data):
+        return jax.vmap(self._eval_one, in_axes=(0, None))(state, data)
 
 
 def steps_to(history_steps: np.ndarray, curve: np.ndarray, threshold: float) -> np.ndarray:
