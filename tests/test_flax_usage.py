@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -465,21 +466,37 @@ def test_swapped_inputs_and_key_nnx():
 
 # --- 10. Importing the shells without Flax ----------------------------------------------------
 
-@pytest.mark.parametrize("module", ["dropnorm.linen", "dropnorm.nnx"])
-def test_import_without_flax_says_how_to_install_it(module):
+@pytest.fixture(scope="module")
+def imports_without_flax() -> dict:
+    """One fresh interpreter: is Flax imported by the core, and what importing each shell says
+    when Flax is missing (``sys.modules['flax'] = None``, as if it were not installed)."""
     code = (
-        "import sys\n"
-        "sys.modules['flax'] = None  # as if Flax were not installed\n"
+        "import importlib, json, sys\n"
         "import dropnorm  # the core needs no Flax\n"
-        "try:\n"
-        f"    import {module}\n"
-        "except ImportError as err:\n"
-        "    print(type(err).__name__, '|', err)\n"
+        "out = {'flax imported by the core': 'flax' in sys.modules}\n"
+        "sys.modules['flax'] = None  # as if Flax were not installed\n"
+        "for name in ('dropnorm.linen', 'dropnorm.nnx'):\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "        out[name] = 'imported'\n"
+        "    except ImportError as err:\n"
+        "        out[name] = f'{type(err).__name__} | {err}'\n"
+        "print(json.dumps(out))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert out.stdout.startswith("ImportError |"), out.stdout + out.stderr
-    assert 'pip install "dropnorm[flax]"' in out.stdout, out.stdout
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_core_does_not_import_flax(imports_without_flax):
+    assert imports_without_flax["flax imported by the core"] is False
+
+
+@pytest.mark.parametrize("module", ["dropnorm.linen", "dropnorm.nnx"])
+def test_import_without_flax_says_how_to_install_it(imports_without_flax, module):
+    said = imports_without_flax[module]
+    assert said.startswith("ImportError |"), said
+    assert 'pip install "dropnorm[flax]"' in said, said
 
 
 # --- A fully masked feature ------------------------------------------------------------------

@@ -120,15 +120,6 @@ def test_batch_norm_fields_and_defaults_match_flax():
     assert v_o["batch_stats"]["mean"].dtype == jnp.bfloat16
 
 
-def test_core_does_not_import_flax():
-    import subprocess
-    import sys
-
-    code = "import sys, dropnorm; print('flax' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-
 def test_dropout_fields_and_defaults_match_flax():
     import dataclasses
 
