@@ -75,4 +75,4 @@ def test_readme_states_the_test_suites_time_and_memory():
     text = " ".join(README.split())
     assert re.search(r"runs the test suite: about \d+ minutes on an idle 2-core machine "
                      r"\(\d+ s measured on \d{4}-\d\d-\d\d[^()]*; up to \d+ min under load\), "
-                     r"about \d+ GB peak memory", text)
+                     r"about \d+(\.\d)? GB peak memory", text)
