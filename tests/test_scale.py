@@ -11,7 +11,8 @@ more than twice that, in at most 2 collectives (3 with the backward pass), and t
 same at 8 and 64 devices (issue 12).
 
 The device count is fixed when JAX starts (``XLA_FLAGS``, which tests/conftest.py sets to
-8 for the session), so each device count runs in its own subprocess. The probe is the
+8 for the session), so a device count other than the session's runs in a subprocess of its
+own (64), and the session's own (8) in the test process. The probe is the
 benchmark's own (``benchmarks/bench.py``: ``scale_layers``, ``hlo_collectives``), so the
 "scale" table of BENCHMARKS.md and these tests read the same numbers.
 
@@ -59,11 +60,20 @@ FORWARD = [c for c in CELLS
 
 
 def _probe(n: int) -> list[dict]:
+    import jax
+
+    only = [tuple(c) for c in CELLS]
+    if n == jax.device_count():  # the session's own devices (tests/conftest.py), its flags
+        import bench
+
+        # Through JSON, as from the subprocess below: the same types either way.
+        return json.loads(json.dumps([bench.scale_layers(n, only=only)["layers"],
+                                      bench.sharded_layers(n, only=SHARDED)["layers"]]))
     # The benchmark's own subprocess environment: n devices, the session's other XLA flags,
     # the same dropnorm as this session first on the path; bench from the working directory.
     env = bench_scale.worker_env(n)
     code = ("import json, sys, bench; "
-            f"print(json.dumps([bench.scale_layers({n}, only={[tuple(c) for c in CELLS]!r}),"
+            f"print(json.dumps([bench.scale_layers({n}, only={only!r}),"
             f" bench.sharded_layers({n}, only={SHARDED!r})]))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(BENCH),
                           capture_output=True, text=True, timeout=600)
