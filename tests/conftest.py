@@ -122,7 +122,7 @@ def _malloc_trim():
     where the C library has no such function (macOS, musl)."""
     try:
         return ctypes.CDLL(None).malloc_trim  # this process's own symbols: the C library's
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library symbols (Windows)
         return lambda pad: 0
 
 
