@@ -39,12 +39,13 @@ a flaky test_export. A ``JAX_COMPILATION_CACHE_DIR`` set in the environment is J
 setting and is left as it is.
 
 One MLIR context per test file: JAX builds a fresh MLIR context for every program it lowers
-(``jax._src.interpreters.mlir.make_ir_context``), loading every dialect into it: 4.6 ms
-each here, for each of the suite's 6,000-odd lowerings, and as much again to free them.
-conftest makes that function return one context, kept until the end of the file (then
-dropped with JAX's caches). The modules lowered into it, and so the compiled programs, are
-the same; only the uniquing tables are shared. Three files (test_batch_norm, test_linen,
-test_distributed) took 46-56 s instead of 62-68 s (2026-12-04, consecutive runs). Set
+(``jax._src.interpreters.mlir.make_ir_context``), loading every dialect into it: 2.0 to
+4.6 ms each here (two measurements), 0.6 ms to free, for each of the suite's 6,000-odd
+lowerings; and each lowering then uniques its types and attributes afresh. conftest makes
+that function return one context, kept until the end of the file (then dropped with JAX's
+caches). The modules lowered into it, and so the compiled programs, are the same; only the
+uniquing tables are shared. Three files (test_batch_norm, test_linen, test_distributed)
+took 52 s instead of 67-69 s in one process (2026-12-04, alternating runs). Set
 ``DROPNORM_TEST_FRESH_MLIR_CONTEXTS=1`` to lower as JAX does by default; if JAX renames the
 function, the suite lowers that way too, only slower.
 """
