@@ -34,10 +34,12 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
+import bench  # noqa: E402
 from bench import SCALE_FEATURES, conditional_collectives, hlo_collectives  # noqa: E402
 from bench import scale as bench_scale  # noqa: E402
 
@@ -59,26 +61,22 @@ FORWARD = [c for c in CELLS
            if c[0] != "vmap" and c[2] == "fwd" and not c[1].startswith(("groups", "ghost"))]
 
 
-def _probe(n: int) -> list[dict]:
-    import jax
-
+def _probe(n: int) -> tuple[list[dict], list[dict]]:
     only = [tuple(c) for c in CELLS]
     if n == jax.device_count():  # the session's own devices (tests/conftest.py), its flags
-        import bench
-
-        # Through JSON, as from the subprocess below: the same types either way.
-        return json.loads(json.dumps([bench.scale_layers(n, only=only)["layers"],
-                                      bench.sharded_layers(n, only=SHARDED)["layers"]]))
-    # The benchmark's own subprocess environment: n devices, the session's other XLA flags,
-    # the same dropnorm as this session first on the path; bench from the working directory.
-    env = bench_scale.worker_env(n)
-    code = ("import json, sys, bench; "
-            f"print(json.dumps([bench.scale_layers({n}, only={only!r}),"
-            f" bench.sharded_layers({n}, only={SHARDED!r})]))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(BENCH),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    scale, sharded = json.loads(proc.stdout.strip().splitlines()[-1])
+        out = json.dumps([bench.scale_layers(n, only=only),
+                          bench.sharded_layers(n, only=SHARDED)])
+    else:
+        # The benchmark's own subprocess environment: n devices, the session's other XLA
+        # flags, the same dropnorm as this session first on the path; bench from its folder.
+        code = ("import json, sys, bench; "
+                f"print(json.dumps([bench.scale_layers({n}, only={only!r}),"
+                f" bench.sharded_layers({n}, only={SHARDED!r})]))")
+        proc = subprocess.run([sys.executable, "-c", code], env=bench_scale.worker_env(n),
+                              cwd=str(BENCH), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out = proc.stdout.strip().splitlines()[-1]
+    scale, sharded = json.loads(out)  # through JSON either way: the same types
     return scale["layers"], sharded["layers"]
 
 
