@@ -8,6 +8,7 @@ Run from the repository root (``python -m benchmarks`` takes the same options)::
     python benchmarks/bench.py --sharded  # only the sharded-jit table (--quick: 8 devices)
     python benchmarks/bench.py --steps    # only the steps table (about 5 minutes)
     python benchmarks/bench.py --attention  # only the attention table
+    python benchmarks/bench.py --why      # only the why tables (the price of exactness)
     python benchmarks/bench.py --json out.json
     python benchmarks/bench.py --markdown out.json   # the tables of BENCHMARKS.md
 
@@ -23,6 +24,8 @@ The package, a module per table:
 * ``scale``: collectives from the compiled HLO, with ``axis_name`` and under a sharded
   ``jit``, each device count in a subprocess;
 * ``attention``: a Transformer block's training step with attention dropout;
+* ``why``: where a batch-norm cell misses its target, what exact statistics cost there
+  (the statistics alone; the forward and the ResNet step with the statistics three ways);
 * ``report``: the tables of BENCHMARKS.md from a ``--json`` result; ``cli``: the options.
 
 ``benchmarks/bench.py`` is the entry point and re-exports the names the tests use

@@ -33,7 +33,17 @@ _load_package()
 
 # Re-exported: what tests/test_bench.py, tests/test_scale.py, tests/test_memory.py and
 # BENCHMARKS.md use as ``bench.<name>``.
-from benchmarks import attention, grid, masks, models, report, scale, steps, timing  # noqa: E402
+from benchmarks import (  # noqa: E402
+    attention,
+    grid,
+    masks,
+    models,
+    report,
+    scale,
+    steps,
+    timing,
+    why,
+)
 from benchmarks.cli import main  # noqa: E402
 from benchmarks.grid import (  # noqa: E402
     DTYPES,
@@ -77,7 +87,7 @@ __all__ = [
     "hlo_collectives", "main", "markdown", "masks", "median_interval", "models",
     "ratio_stats", "report", "run", "run_scale", "run_sharded", "run_steps", "scale",
     "scale_layers", "sharded_layers", "spread_above", "step_models", "steps",
-    "time_interleaved", "timing", "twelve_layer_step", "twelve_layer_temp_bytes",
+    "time_interleaved", "timing", "twelve_layer_step", "twelve_layer_temp_bytes", "why",
 ]
 
 if __name__ == "__main__":

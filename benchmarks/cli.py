@@ -18,6 +18,7 @@ from benchmarks import grid, masks, report, scale, timing
 from benchmarks.attention import run_attention
 from benchmarks.models import RATE
 from benchmarks.steps import run_steps
+from benchmarks.why import run_why
 
 
 def main(argv=None) -> int:
@@ -55,6 +56,10 @@ def main(argv=None) -> int:
     parser.add_argument("--attention", action="store_true",
                         help="only the attention table (issue 15: a Transformer block's "
                              "train step, temp memory and time, at lengths 512 and 2048)")
+    parser.add_argument("--why", action="store_true",
+                        help="only the why tables: the statistics alone, and the forward and "
+                             "the ResNet step with dropnorm's statistics three ways (as is, "
+                             "second round always, Flax's raw sums), against Flax")
     parser.add_argument("--scale-worker", type=int, metavar="DEVICES", help=argparse.SUPPRESS)
     parser.add_argument("--sharded-worker", type=int, metavar="DEVICES", help=argparse.SUPPRESS)
     parser.add_argument("--models", action="store_true", help=argparse.SUPPRESS)
@@ -93,6 +98,8 @@ def main(argv=None) -> int:
         result = {"sharded": scale.run_sharded(args.quick, args.repeats or 5)}
     elif args.steps:
         result = {"steps": steps()}
+    elif args.why:
+        result = {"why": run_why(shapes, repeats, args.quick)}
     elif args.attention:
         result = {"attention": run_attention(args.quick, args.repeats or (3 if args.quick
                                                                           else 7))}
@@ -109,6 +116,8 @@ def main(argv=None) -> int:
                   f"{r['bytes_per_element']:.3f} bytes/element")
         print(grid.bn_target_summary(result["rows"], target or 0.10))
         result["steps"] = steps()  # --quick: the tiny models, 3 rounds, 1 compile
+        if "batch_norm" in ops:  # why a batch-norm cell misses, in the same run
+            result["why"] = run_why(shapes, repeats, args.quick)
         if args.quick:
             result["sharded"] = scale.run_sharded(True, 1)  # 8 devices, 1 compile
         else:

@@ -66,7 +66,7 @@ def _dropout_layers() -> dict[str, Callable]:
 
 
 
-def _batch_norm_layers(features: int, dtype) -> dict[str, Callable]:
+def batch_norm_layers(features: int, dtype) -> dict[str, Callable]:
     _, bn_state = dropnorm.batch_norm_init(features)
     linen = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-5, dtype=dtype)
     stats = {"mean": jnp.zeros(features), "var": jnp.ones(features)}
@@ -125,7 +125,9 @@ def _batch_norm_eval_layers(features: int, dtype) -> dict[str, Callable]:
     return {"dropnorm": ours, "flax.linen": flax_linen, "flax.nnx": flax_nnx}
 
 
-def _modes(layer: Callable, op: str) -> dict[str, Callable]:
+def mode_fns(layer: Callable, op: str) -> dict[str, Callable]:
+    """``{mode: f(x, scale, bias, ct, key)}`` of a layer for the ``fwd``, ``vjp`` and ``loss``
+    cells."""
     # The key is an argument of the jitted function: a key closed over as a constant would let
     # XLA fold the whole random mask into the executable at compile time.
     def fwd(x, scale, bias, ct, key):
@@ -185,6 +187,16 @@ def bn_target_summary(rows: list[dict], spread: float = 0.10) -> str:
     return "\n".join(out)
 
 
+def cell_args(shape, dtype) -> tuple:
+    """A cell's arguments ``(x, scale, bias, ct, key)``: x standard normal, the cotangent
+    half that, scale 1.5 and bias 0.1 per feature (float32), the dropout key."""
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float32).astype(dtype)
+    ct = (jax.random.normal(jax.random.key(2), shape, jnp.float32) * 0.5).astype(dtype)
+    c = shape[-1]
+    scale, bias = jnp.full((c,), 1.5, jnp.float32), jnp.full((c,), 0.1, jnp.float32)
+    return x, scale, bias, ct, jax.random.key(3)
+
+
 def run(shapes, repeats: int, ops, modes, layer_shape, policies: bool = True,
         target_spread: float | None = None, max_repeats: int | None = None) -> dict:
     """The layer grid. ``target_spread``: a cell whose dropnorm ratio to flax.linen has a
@@ -196,11 +208,8 @@ def run(shapes, repeats: int, ops, modes, layer_shape, policies: bool = True,
     more = spread_above(target_spread, [("flax.linen", "dropnorm")])
     for shape in shapes:
         for dname, dtype in DTYPES.items():
-            x = jax.random.normal(jax.random.key(1), shape, jnp.float32).astype(dtype)
-            ct = (jax.random.normal(jax.random.key(2), shape, jnp.float32) * 0.5).astype(dtype)
-            c = shape[-1]
-            scale, bias = jnp.full((c,), 1.5, jnp.float32), jnp.full((c,), 0.1, jnp.float32)
-            args = (x, scale, bias, ct, jax.random.key(3))
+            args = cell_args(shape, dtype)
+            x, c = args[0], shape[-1]
             eval_args = args[:4] + (eval_stats(c),)  # eval layers take (mean, var) for a key
             copy_t = statistics.median(time_interleaved({"copy": copy_x2}, args, repeats)["copy"])
             for op in ops:
@@ -211,8 +220,8 @@ def run(shapes, repeats: int, ops, modes, layer_shape, policies: bool = True,
                         layers = _batch_norm_eval_layers(c, dtype)
                     else:
                         layers = (_dropout_layers() if op == "dropout"
-                                  else _batch_norm_layers(c, dtype))
-                    fns = {name: _modes(layer, op)["fwd" if mode == "eval" else mode]
+                                  else batch_norm_layers(c, dtype))
+                    fns = {name: mode_fns(layer, op)["fwd" if mode == "eval" else mode]
                            for name, layer in layers.items()
                            if name in MAIN or (policies and (name in masks.BIT_VARIANTS or (
                                name in masks.POLICIES and mode != "fwd")))}
@@ -252,7 +261,7 @@ def run(shapes, repeats: int, ops, modes, layer_shape, policies: bool = True,
         c = layer_shape[-1]
         scale, bias = jnp.ones((c,)), jnp.zeros((c,))
         for op in ops:
-            layers = _dropout_layers() if op == "dropout" else _batch_norm_layers(c, dtype)
+            layers = _dropout_layers() if op == "dropout" else batch_norm_layers(c, dtype)
             for name, layer in layers.items():
                 if op == "dropout":
                     b = residual_bytes_per_element(lambda x, f=layer: f(x, None, None, key), x)

@@ -2,7 +2,8 @@
 
 Each table module prints its own tables (``grid.layer_markdown``, ``masks.masks_markdown``,
 ``steps.steps_markdown``, ``scale.scale_markdown``, ``scale.sharded_markdown``,
-``attention.attention_markdown``); :func:`markdown` puts together those a result holds.
+``attention.attention_markdown``, ``why.why_markdown``); :func:`markdown` puts together
+those a result holds.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from benchmarks import grid, masks
 from benchmarks.attention import attention_markdown
 from benchmarks.scale import scale_markdown, sharded_markdown
 from benchmarks.steps import steps_markdown
+from benchmarks.why import why_markdown
 
 
 def markdown(result: dict) -> str:
@@ -20,6 +22,8 @@ def markdown(result: dict) -> str:
     out += grid.copy_residual_markdown(result)
     if result.get("steps"):
         out += steps_markdown(result["steps"])
+    if result.get("why"):
+        out += why_markdown(result["why"])
     if result.get("scale"):
         out += scale_markdown(result["scale"])
     if result.get("sharded"):

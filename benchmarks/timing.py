@@ -42,6 +42,17 @@ def _block(out):
     jax.block_until_ready(out)
 
 
+def compile_all(fns: dict[str, Callable], args) -> dict[str, Callable]:
+    """Each function jitted and compiled for ``args``, and called once (warm-up: allocations,
+    thread pools)."""
+    compiled = {}
+    for name, f in fns.items():
+        c = jax.jit(f).lower(*args).compile()
+        _block(c(*args))
+        compiled[name] = c
+    return compiled
+
+
 def time_interleaved(fns: dict[str, Callable], args, repeats: int,
                      more: Callable[[dict[str, list[float]]], bool] | None = None,
                      max_repeats: int | None = None) -> dict[str, list[float]]:
@@ -51,12 +62,15 @@ def time_interleaved(fns: dict[str, Callable], args, repeats: int,
     True, up to ``repeats`` further rounds run, ``max_repeats`` rounds in all (the spread
     target: :func:`spread_above`).
     """
-    compiled = {}
-    for name, f in fns.items():
-        c = jax.jit(f).lower(*args).compile()
-        _block(c(*args))  # warm up: allocations, thread pools
-        compiled[name] = c
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    return time_compiled(compile_all(fns, args), args, repeats, more, max_repeats)
+
+
+def time_compiled(compiled: dict[str, Callable], args, repeats: int,
+                  more: Callable[[dict[str, list[float]]], bool] | None = None,
+                  max_repeats: int | None = None) -> dict[str, list[float]]:
+    """:func:`time_interleaved` of functions already compiled for ``args`` (programs traced
+    under different settings: :mod:`benchmarks.why`)."""
+    times: dict[str, list[float]] = {name: [] for name in compiled}
 
     def rounds(k):
         for _ in range(k):

@@ -28,7 +28,7 @@ import dropnorm.linen as dl
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import bench  # noqa: E402  (benchmarks/bench.py, which loads the benchmarks package)
-from bench import grid, scale, steps  # noqa: E402  (modules of the package)
+from bench import grid, scale, steps, why  # noqa: E402  (modules of the package)
 
 
 def test_median_interval_is_min_max_below_six_rounds_and_narrows_above():
@@ -174,6 +174,47 @@ def test_grid_steps_and_markdown_end_to_end(monkeypatch):
     md = bench.markdown(res | {"repeats": 2, "rate": bench.RATE, "steps": table})
     assert "| (64, 8) | f32 | eval |" in md and "batch_norm: " in md
     assert "### steps:" in md and "| tiny |" in md and ">= 1.10" in md and "<= 1.15" in md
+
+
+def test_why_variants_trace_other_statistics_and_restore_the_library():
+    # The why tables' variants (benchmarks/why.py) replace two functions of the statistics
+    # while a program is traced: check each one did what its name says, and that the library
+    # is itself again afterwards. Data at mean 1e4 x its std, running mean 0 as the shift.
+    from dropnorm import _moments
+
+    x = jnp.asarray(1e4 + np.random.default_rng(3).standard_normal((512, 4)), jnp.float32)
+    exact = np.var(np.asarray(x, np.float64), axis=0)
+
+    def moments(x):
+        return _moments.batch_moments(x, (0,), shift=jnp.zeros(4))[1].ravel()
+
+    def run():  # (relative error of the variance, the compiled program's conditionals)
+        f = jax.jit(moments)
+        err = np.max(np.abs(np.asarray(f(x), np.float64) - exact) / exact)
+        return float(err), f.lower(x).compile().as_text().count("conditional(")
+
+    with why.statistics_variant(why.RAW):  # Flax's raw sums: x^2 at 1e8 cancels to noise
+        err, conds = run()
+        assert err > 0.1 and conds == 0
+    with why.statistics_variant(why.ALWAYS):  # both rounds, unconditionally: exact
+        err, conds = run()
+        assert err < 1e-5 and conds == 0
+    err, conds = run()  # as is: exact, the second round in a conditional
+    assert err < 1e-5 and conds == 1
+    assert _moments._poor.__name__ == "_poor"
+    assert _moments.shifted_moments.__name__ == "shifted_moments"
+    with pytest.raises(ValueError, match="unknown variant 'fast'"):
+        with why.statistics_variant("fast"):
+            pass
+
+
+def test_why_tables_end_to_end():
+    res = why.run_why([(64, 8)], 2, resnet=False)
+    assert [r["shape"] for r in res["sums"]] == [[64, 8]] and res["resnet"] is None
+    assert set(res["variants"][0]["ratio"]) == set(why.VARIANTS)
+    assert res["variants"][0]["rounds"] == 2
+    md = "\n".join(why.why_markdown(res))
+    assert "| (64, 8) |" in md and "linen / second round always" in md
 
 
 def test_unknown_mode_is_refused():
