@@ -99,7 +99,8 @@ def main(argv=None) -> int:
     elif args.steps:
         result = {"steps": steps()}
     elif args.why:
-        result = {"why": run_why(shapes, repeats, args.quick)}
+        result = {"why": run_why(shapes, repeats, args.quick, target_spread=target,
+                                 max_repeats=max_repeats)}
     elif args.attention:
         result = {"attention": run_attention(args.quick, args.repeats or (3 if args.quick
                                                                           else 7))}
@@ -117,7 +118,8 @@ def main(argv=None) -> int:
         print(grid.bn_target_summary(result["rows"], target or 0.10))
         result["steps"] = steps()  # --quick: the tiny models, 3 rounds, 1 compile
         if "batch_norm" in ops:  # why a batch-norm cell misses, in the same run
-            result["why"] = run_why(shapes, repeats, args.quick)
+            result["why"] = run_why(shapes, repeats, args.quick, target_spread=target,
+                                    max_repeats=max_repeats)
         if args.quick:
             result["sharded"] = scale.run_sharded(True, 1)  # 8 devices, 1 compile
         else:
