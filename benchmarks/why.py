@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import dropnorm._moments as moments
 from benchmarks import grid
 from benchmarks.steps import step_models
-from benchmarks.timing import compile_all, ratio_stats, spread_above, time_compiled
+from benchmarks.timing import compile_all, pct, ratio_stats, spread_above, time_compiled
 
 AS_IS = "as is"
 ALWAYS = "second round always"
@@ -148,8 +148,6 @@ def run_why(shapes, repeats: int, quick: bool = False, resnet: bool = True,
 
 def why_markdown(why: dict) -> list[str]:
     """The tables of BENCHMARKS.md for :func:`run_why`'s result."""
-    from benchmarks.timing import pct
-
     out = ["", "### why: the statistics alone (float32; Flax's sums of x and x^2 against "
                "dropnorm's of x - shift and its square)", "",
            "| shape | flax sums ms | dropnorm sums ms | flax / dropnorm | spread (rounds) |",

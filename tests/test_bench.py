@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import re
 import sys
 
 import flax.linen as nn
@@ -206,6 +207,22 @@ def test_why_variants_trace_other_statistics_and_restore_the_library():
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
         with why.statistics_variant("fast"):
             pass
+
+
+def test_grid_cells_carry_the_running_mean_as_a_value_the_compiler_cannot_fold():
+    # A training step's BatchNorm state is one of its inputs. The grid's cells once closed
+    # over an initial state, a constant zero running mean, and XLA folded dropnorm's shift
+    # (x - 0) away, timing statistics that real steps never run (BENCHMARKS.md, run 14).
+    args = grid.cell_args((64, 8), jnp.float32)
+    fwd = grid.mode_fns(grid.batch_norm_layers(8, jnp.float32)["dropnorm"], "batch_norm")["fwd"]
+    hlo = jax.jit(fwd).lower(*args).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY"):].splitlines()  # (the second round has its own centre)
+    x = next(re.match(r"\s*(%\S+) = ", ln)[1] for ln in entry if "parameter(0)" in ln)
+    sums = [[o.strip() for o in re.search(r" fusion\(([^)]*)\)", ln)[1].split(",")]
+            for ln in entry if " fusion(" in ln and "ROOT" not in ln]
+    # Some fusion before the normalisation reads x with more than constants: the shift.
+    assert any(x in ops and any(o != x and not o.startswith("%constant") for o in ops)
+               for ops in sums), entry
 
 
 def test_why_tables_end_to_end():
