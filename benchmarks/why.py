@@ -7,7 +7,7 @@ tables, each timed interleaved against Flax's formulas in the same rounds:
   ``x^2``; dropnorm sums ``x - shift`` and its square (the shift is the running mean), the
   subtraction that keeps the variance exact at any mean. On XLA CPU the sum of squares is
   a fused reduction of ``x`` alone, while the subtraction is one more elementwise operation
-  per element (run 13: 1.4x to 1.75x the time of Flax's sums, the most at 32 features).
+  per element (run 14: 1.2x to 1.8x the time of Flax's sums, the most at 32 features).
 * ``variants``: the training-mode forward of the grid's float32 cells with the library
   as it is; with the second round always run (what a 2-D mesh would need for no collective
   over ``model``: no predicate); and with Flax's raw sums in one round (no shift, never a
