@@ -338,7 +338,7 @@ def shifted_moments(x, reduction_axes, shift=None, *, mask=None, red: Reducer | 
     time at 64 features and 1.9x at 32. Flax's sums of ``x`` and ``x^2`` with the same
     second round were faster there, but their ``r = mean^2 / var`` stays large for
     uncentred features all through training, which made the first round's error (1 + r) u
-    too large, or the second round frequent; see BENCHMARKS.md, runs 11 and 12.)
+    too large, or the second round frequent; see BENCHMARKS.md, runs 11, 12 and 14.)
     """
     red = Reducer() if red is None else red
     dt, rdt = stats_dtype(x.dtype), real_dtype(x.dtype)
